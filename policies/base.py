@@ -1,0 +1,143 @@
+"""The policy interface: who stays in the KV cache.
+
+A policy scores cache entries per (batch row, kv head); higher means keep. It is consulted at
+two moments:
+
+  prefill  `prefill_scores(layer, keys, values, pos, window_probs)` sees every candidate of the
+           layer (the compressed cache so far plus the new prompt chunk) and, if it sets
+           `window > 0`, the attention of the chunk's last `window` real queries over those
+           candidates. The engine keeps the `budget` best per kv head.
+  decode   `decode_scores(layer, probs, pos, written)` runs inside the compiled decode step
+           after the new token was written into slot `written` [B, Hkv] and attention was
+           computed; `probs` [B, Hq, S] is that step's attention over slots (only when
+           `needs_probs`). It updates the policy's state (buffers, in place) and returns the
+           scores of all slots. `choose_victim` turns scores into the slot to free per kv head,
+           and the next token is written there.
+
+Decode code is branch-free tensor code: no .item(), no Python branch on data, so the decode
+step compiles once. Per-layer state lives in buffers allocated by `allocate`.
+
+`CachePlan` composes a prefill part and a decode part (`snapkv+momentum`) and sizes the
+static cache; see its docstring for the rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NEVER_EVICT = float("inf")
+
+
+class Policy(nn.Module):
+    name = "full"
+    description = "keep everything (no eviction)"
+    has_prefill = False  # compresses the prompt
+    has_decode = False  # evicts generated tokens
+    window = 0  # prefill observation window the scorer needs (queries); 0 = none
+    needs_probs = False  # decode_scores reads the step's attention probabilities
+
+    def __init__(self, **options):
+        super().__init__()
+        for key, value in options.items():
+            if not hasattr(self, key) or key.startswith("_") or callable(getattr(type(self), key, None)):
+                raise ValueError(key)
+            setattr(self, key, type(getattr(self, key))(value) if getattr(self, key) is not None else value)
+
+    # ---- state
+    def allocate(self, num_layers: int, batch: int, kv_heads: int, capacity: int, device):
+        """Allocate per-layer decode state for a cache of `capacity` slots. Default: none."""
+
+    def on_prefill(self, layer: int, kept_scores: torch.Tensor, kept: int):
+        """After prefill kept `kept` entries in slots [0, kept) with prefill scores `kept_scores`."""
+
+    # ---- scoring
+    def prefill_scores(self, layer, keys, values, pos, window_probs) -> torch.Tensor:
+        return torch.zeros(pos.shape, device=pos.device)
+
+    def decode_scores(self, layer, probs, pos, written) -> torch.Tensor:
+        return torch.zeros(pos.shape, device=pos.device)
+
+    def on_evict(self, layer: int, slot: torch.Tensor, cache):
+        """Called with the chosen slot [B, Hkv] before it is freed (it may already be empty)."""
+
+
+def choose_victim(scores: torch.Tensor, pos: torch.Tensor, in_pool: torch.Tensor, pool_budget: int) -> torch.Tensor:
+    """The slot to free per (row, kv head): [B, Hkv, S] -> [B, Hkv].
+
+    While the pool (the entries the policy may evict) holds at most `pool_budget` entries, the
+    answer is an empty slot (nothing is evicted). Once it holds more, the pool's lowest-scoring
+    entry is evicted. The cache has one slot more than it can keep, so an empty slot exists
+    whenever the pool is within budget.
+    """
+    valid = pos >= 0
+    pool = valid & in_pool
+    lowest = torch.where(pool, scores, NEVER_EVICT).argmin(dim=-1)
+    empty = (~valid).to(torch.int8).argmax(dim=-1)
+    over = pool.sum(dim=-1) > pool_budget
+    return torch.where(over, lowest, empty)
+
+
+def keep_top(scores: torch.Tensor, pos: torch.Tensor, budget: int) -> torch.Tensor:
+    """Prefill selection: indices [B, Hkv, min(budget, N)] of the best valid candidates, in position order."""
+    n = min(budget, scores.shape[-1])
+    ranked = torch.where(pos >= 0, scores.float(), float("-inf"))
+    idx = ranked.topk(n, dim=-1).indices
+    # Order kept entries by position (empty picks last) so the cache reads like the text.
+    order_key = torch.where(pos.gather(-1, idx) >= 0, pos.gather(-1, idx), torch.iinfo(torch.long).max)
+    return idx.gather(-1, order_key.argsort(dim=-1))
+
+
+@dataclass
+class CachePlan:
+    """A prefill part and a decode part, with their budgets.
+
+    - `prefill` (or None): compresses the prompt to `budget` entries per kv head.
+    - `decode` (or None): evicts during generation.
+        * unified (one name that defines both, e.g. h2o): its pool is the whole cache and its
+          budget is `budget` in total;
+        * composed (`snapkv+momentum`) or decode-only alone (`momentum`): its pool is the
+          generated tokens only, within `decode_budget`; what prefill kept is frozen.
+    - no decode part: generated tokens are never evicted; the cache grows by max_new_tokens.
+    """
+
+    prefill: Policy | None = None
+    decode: Policy | None = None
+    budget: int | None = None  # entries kept per kv head after prefill (None: all)
+    decode_budget: int | None = None  # generated entries per kv head (decode pool)
+    unified: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.unified:
+            return self.decode.name
+        parts = [p.name for p in (self.prefill, self.decode) if p is not None]
+        return "+".join(parts) or "full"
+
+    def policies(self):
+        seen = []
+        for p in (self.prefill, self.decode):
+            if p is not None and all(p is not q for q in seen):
+                seen.append(p)
+        return seen
+
+    def prefill_keep(self, prompt_len: int) -> int:
+        """How many prompt entries per kv head survive prefill."""
+        if self.prefill is None or self.budget is None:
+            return prompt_len
+        return min(self.budget, prompt_len)
+
+    def capacity(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Slots per kv head the static cache needs: what is kept, plus one spare to write into."""
+        kept = self.prefill_keep(prompt_len)
+        if self.decode is None:
+            return kept + max_new_tokens
+        if self.unified:
+            return min(self.budget, prompt_len + max_new_tokens) + 1
+        return kept + min(self.decode_budget, max_new_tokens) + 1
+
+    def pool_budget(self) -> int:
+        if self.decode is None:
+            return 2**62
+        return self.budget if self.unified else self.decode_budget

@@ -1,0 +1,107 @@
+"""Attention over cache slots: one mask rule, three interchangeable backends.
+
+Every query carries its absolute position, every slot the position of the token it holds
+(-1 when empty). A query at position p may attend to a slot holding position s iff
+0 <= s <= p. That one rule is the causal mask at prefill, the padding mask for batches of
+different lengths, the chunked-prefill mask (earlier, compressed chunks plus the current
+chunk causally) and the decode mask over a cache whose slots were evicted and reused in any
+order. An optional additive bias per slot [B, Hkv, S] carries MomentKV's log-count of the
+virtual "evicted mass" slot.
+
+Backends (all equal `reference` on random inputs, see tests/test_attention.py):
+  - reference: plain torch softmax; also returns the probabilities that scoring policies need.
+  - sdpa: F.scaled_dot_product_attention with a boolean mask (fastest prefill on CPU).
+  - flex: FlexAttention with the rule as a block mask and the bias as a score_mod.
+Grouped-query attention never copies K/V: queries of one kv head's group are folded into
+the query-length axis.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+BACKENDS = ("reference", "sdpa", "flex")
+
+# Queries that are padding attend to every valid slot of their row (there is always one), so
+# no softmax row is empty and no NaN can leak into the real tokens through padded values.
+PAD_QUERY_POS = 2**62
+
+
+def slot_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
+    """q_pos [B, T], kv_pos [B, Hkv, S] -> allowed [B, Hkv, T, S]."""
+    kv = kv_pos.unsqueeze(2)
+    return (kv >= 0) & (kv <= q_pos[:, None, :, None])
+
+
+def reference_attention(q, k, v, q_pos, kv_pos, kv_bias=None):
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> (out [B, Hq, T, D], probs [B, Hq, T, S])."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    qg = q.reshape(B, Hkv, G * T, D)
+    scores = (qg @ k.transpose(-1, -2)).view(B, Hkv, G, T, S).float() * (1.0 / math.sqrt(D))
+    if kv_bias is not None:
+        scores = scores + kv_bias[:, :, None, None, :]
+    allowed = slot_mask(q_pos, kv_pos)[:, :, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = probs.to(v.dtype).view(B, Hkv, G * T, S) @ v
+    return out.view(B, Hq, T, D), probs.view(B, Hq, T, S)
+
+
+def sdpa_attention(q, k, v, q_pos, kv_pos, kv_bias=None):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    allowed = slot_mask(q_pos, kv_pos)
+    if kv_bias is None:
+        mask = allowed[:, :, None]
+    else:
+        bias = kv_bias[:, :, None, None, :].to(q.dtype)
+        mask = bias.masked_fill(~allowed[:, :, None], float("-inf"))
+    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * T, D).view(B, Hkv, G, T, D), k[:, :, None], v[:, :, None], attn_mask=mask)
+    return out.reshape(B, Hq, T, D)
+
+
+def flex_attention_slots(q, k, v, q_pos, kv_pos, kv_bias=None):
+    B, Hq, T, D = q.shape
+    S = k.shape[2]
+    G = Hq // k.shape[1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        p = kv_pos[b, h // G, kv_idx]
+        return (p >= 0) & (p <= q_pos[b, q_idx])
+
+    score_mod = None
+    if kv_bias is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + kv_bias[b, h // G, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, B, Hq, T, S, device=q.device)
+    return _flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
+
+
+def _flex(*args, **kwargs):
+    # Eager flex_attention is a slow reference; inside a compiled decode step it is traced and
+    # fused. Outside one (prefill) compile it once, with dynamic shapes so prompt lengths do not
+    # recompile.
+    if torch.compiler.is_compiling():
+        return flex_attention(*args, **kwargs)
+    return _compiled_flex(*args, **kwargs)
+
+
+_compiled_flex = torch.compile(flex_attention, dynamic=False)
+
+
+def attention(q, k, v, q_pos, kv_pos, kv_bias=None, backend="sdpa"):
+    """Attention output [B, Hq, T, D] with the chosen backend."""
+    if backend == "reference":
+        return reference_attention(q, k, v, q_pos, kv_pos, kv_bias)[0]
+    if backend == "sdpa":
+        return sdpa_attention(q, k, v, q_pos, kv_pos, kv_bias)
+    if backend == "flex":
+        return flex_attention_slots(q, k, v, q_pos, kv_pos, kv_bias)
+    raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")

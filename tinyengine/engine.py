@@ -1,0 +1,252 @@
+"""Prefill, the compiled decode step, and the generation loop.
+
+The engine owns one static `KVCache` per layer and a `CachePlan` (prefill policy + decode
+policy + budgets). It hands the model, layer by layer, an `attend(q, k, v)` closure that
+writes the new keys/values into the cache and attends over its slots:
+
+  prefill (eager, chunk by chunk): without a prefill policy the chunk is appended to the
+      cache; with one, the chunk is attended together with the compressed cache so far and the
+      policy keeps its `budget` best entries per kv head (so the KV held never exceeds
+      budget + chunk).
+  decode (one token per row, torch.compile'd once): write into the slot freed last step,
+      attend, let the decode policy score the slots, free the victim for the next step.
+      Branch-free tensor code with fixed shapes, so the graph never recompiles.
+
+Batches of prompts of different lengths are right-padded; padding has no valid position, so
+it is never attended to, and generated tokens reuse its slots.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from policies.base import CachePlan, choose_victim, keep_top
+from tinyengine.attention import PAD_QUERY_POS, attention, reference_attention
+from tinyengine.cache import KVCache, first_free_slot
+from tinyengine.errors import TinyEngineError
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids."""
+    if s.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / s.temperature
+    if s.top_k is not None:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= s.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def default_backends(device: torch.device) -> tuple[str, str]:
+    """(prefill, decode) attention backends. Measured in BENCHMARKS.md (bench.py attention)."""
+    if device.type == "cuda":
+        return "flex", "flex"
+    return "sdpa", "reference"
+
+
+class Engine:
+    def __init__(self, model, plan: CachePlan | None = None, *, compile: bool = False,
+                 prefill_chunk: int | None = None, prefill_backend: str | None = None,
+                 decode_backend: str | None = None):
+        self.model = model
+        self.args = model.args
+        self.plan = plan or CachePlan()
+        self.device = model.output_weight().device
+        self.dtype = model.output_weight().dtype
+        default_prefill, default_decode = default_backends(self.device)
+        self.prefill_backend = prefill_backend or default_prefill
+        self.decode_backend = decode_backend or default_decode
+        self.prefill_chunk = prefill_chunk
+        self.caches: list[KVCache] = []
+        self.batch = self.capacity = 0
+        self.decode_step = torch.compile(self._decode_step, fullgraph=True, dynamic=False) if compile else self._decode_step
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, batch: int, capacity: int):
+        """Allocate the static caches (reused while batch and capacity suffice)."""
+        if batch == self.batch and capacity <= self.capacity:
+            return
+        a = self.args
+        self.caches = [KVCache(batch, a.num_kv_heads, capacity, a.head_dim, self.dtype, self.device)
+                       for _ in range(a.num_layers)]
+        self.next_slot = torch.zeros(a.num_layers, batch, a.num_kv_heads, dtype=torch.long, device=self.device)
+        self.prompt_len = torch.zeros(batch, dtype=torch.long, device=self.device)
+        for p in self.plan.policies():
+            p.allocate(a.num_layers, batch, a.num_kv_heads, capacity, self.device)
+        self.batch, self.capacity = batch, capacity
+
+    def kv_bytes(self) -> int:
+        """Bytes the caches hold allocated (K, V and slot positions), policy state excluded."""
+        return sum(c.nbytes() for c in self.caches)
+
+    def state_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for p in self.plan.policies() for b in p.buffers())
+
+    # ------------------------------------------------------------------ prefill
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] right-padded, lengths [B] -> logits [B, V] at each row's last token."""
+        B, T = tokens.shape
+        for c in self.caches:
+            c.reset()
+        self.prompt_len.copy_(lengths)
+        chunk = self.prefill_chunk or T
+        self._stored = 0  # entries per kv head held in the cache after the chunks so far
+        self._kept_scores = [None] * self.args.num_layers
+        for c0 in range(0, T, chunk):
+            c1 = min(c0 + chunk, T)
+            idx = torch.arange(c0, c1, device=self.device).expand(B, -1)
+            real = idx < lengths[:, None]
+            q_pos = torch.where(real, idx, PAD_QUERY_POS)
+            kv_pos = torch.where(real, idx, -1)
+            last = (lengths - 1 - c0).clamp(0, c1 - c0 - 1)  # only the final chunk's logits are used
+            logits = self.model(tokens[:, c0:c1], torch.where(real, idx, 0),
+                                lambda i: self._prefill_attend(i, q_pos, kv_pos, lengths, c0), last)
+            self._stored = self._after_chunk(c1)
+        for i, cache in enumerate(self.caches):
+            for p in self.plan.policies():
+                p.on_prefill(i, self._kept_scores[i], self._stored)
+            self.next_slot[i] = first_free_slot(cache.pos)
+        return logits[:, -1]
+
+    def _after_chunk(self, tokens_so_far: int) -> int:
+        if self.plan.prefill is None or self.plan.budget is None:
+            return tokens_so_far
+        return min(self.plan.budget, tokens_so_far)
+
+    def _prefill_attend(self, layer, q_pos, kv_pos, lengths, c0):
+        cache, plan, n = self.caches[layer], self.plan, self._stored
+
+        def attend(q, k, v):
+            T = k.shape[2]
+            pos = kv_pos[:, None, :].expand(-1, k.shape[1], -1)
+            if plan.prefill is None or plan.budget is None:
+                if n + T > cache.capacity:
+                    raise TinyEngineError(f"prompt needs {n + T} cache slots but the cache holds {cache.capacity}")
+                cache.k[:, :, n:n + T], cache.v[:, :, n:n + T], cache.pos[:, :, n:n + T] = k, v, pos
+                return attention(q, cache.k[:, :, :n + T], cache.v[:, :, :n + T], q_pos,
+                                 cache.pos[:, :, :n + T], backend=self.prefill_backend)
+            keys = torch.cat([cache.k[:, :, :n], k], dim=2)
+            values = torch.cat([cache.v[:, :, :n], v], dim=2)
+            kpos = torch.cat([cache.pos[:, :, :n], pos], dim=2)
+            out = attention(q, keys, values, q_pos, kpos, backend=self.prefill_backend)
+            window_probs = None
+            if plan.prefill.window > 0:
+                window_probs = self._window_probs(q, keys, values, q_pos, kpos, lengths, c0, plan.prefill.window)
+            scores = plan.prefill.prefill_scores(layer, keys, values, kpos, window_probs)
+            keep = keep_top(scores, kpos, plan.budget)
+            gather = keep.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+            cache.fill(keys.gather(2, gather), values.gather(2, gather), kpos.gather(2, keep))
+            self._kept_scores[layer] = scores.gather(2, keep)
+            return out
+
+        return attend
+
+    @staticmethod
+    def _window_probs(q, keys, values, q_pos, kpos, lengths, c0, window):
+        """Attention of each row's last `window` real queries of this chunk over the candidates.
+
+        Returns [B, Hq, window, N]; rows of the window that fall before the chunk or on
+        padding are zero, so they add nothing to scores.
+        """
+        B, Hq, T, D = q.shape
+        last = (lengths - c0).clamp(max=T) - 1  # index of the row's last real query in the chunk
+        idx = last[:, None] - torch.arange(window - 1, -1, -1, device=q.device)
+        ok = idx >= 0
+        idx = idx.clamp(min=0)
+        qw = q.gather(2, idx[:, None, :, None].expand(-1, Hq, -1, D))
+        probs = reference_attention(qw, keys, values, q_pos.gather(1, idx), kpos)[1]
+        return probs * ok[:, None, :, None]
+
+    # ------------------------------------------------------------------ decode
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions [B, 1] -> logits [B, V]. Compiled once; shapes never change."""
+        return self.model(tokens, positions, lambda i: self._decode_attend(i, positions[:, 0]))[:, -1]
+
+    def _decode_attend(self, layer, pos):
+        cache, plan = self.caches[layer], self.plan
+
+        def attend(q, k, v):
+            slot = self.next_slot[layer]
+            cache.write(slot, k[:, :, 0], v[:, :, 0], pos)
+            policy = plan.decode
+            if policy is None:
+                out = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend)
+                self.next_slot[layer].copy_(first_free_slot(cache.pos))
+                return out
+            if policy.needs_probs or self.decode_backend == "reference":
+                out, probs = reference_attention(q, cache.k, cache.v, pos[:, None], cache.pos)
+                probs = probs[:, :, 0]
+            else:
+                out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
+            scores = policy.decode_scores(layer, probs, cache.pos, slot)
+            in_pool = cache.pos >= (0 if plan.unified else self.prompt_len[:, None, None])
+            victim = choose_victim(scores, cache.pos, in_pool, plan.pool_budget())
+            policy.on_evict(layer, victim, cache)
+            cache.evict(victim)
+            self.next_slot[layer].copy_(victim)
+            return out
+
+        return attend
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_ids=(), on_tokens=None) -> list[list[int]]:
+        """Generate for a batch of tokenized prompts. on_tokens([token or None per row]) streams
+        each step (None once a row has stopped).
+
+        Returns each row's new tokens, up to and excluding its first stop token.
+        """
+        if max_new_tokens < 1:
+            raise TinyEngineError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise TinyEngineError("empty prompt: give at least one token of input")
+        lengths = [len(p) for p in prompts]
+        context = self.args.max_position_embeddings
+        if max(lengths) >= context:
+            raise TinyEngineError(f"prompt of {max(lengths)} tokens does not fit the model's context of {context} tokens; shorten it")
+        max_new_tokens = min(max_new_tokens, context - max(lengths))
+        B, T = len(prompts), max(lengths)
+        tokens = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        length_t = torch.tensor(lengths, device=self.device)
+        self.setup(B, self.plan.capacity(T, max_new_tokens))
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        logits = self.prefill(tokens, length_t)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        stop = set(stop_ids)
+        for step in range(max_new_tokens):
+            tok = sample(logits, sampling, generator)
+            new = []
+            for i, t in enumerate(tok.tolist()):
+                done[i] = done[i] or t in stop
+                new.append(None if done[i] else t)
+                if not done[i]:
+                    out[i].append(t)
+            if on_tokens is not None:
+                on_tokens(new)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            positions = (length_t + step)[:, None]
+            logits = self.decode_step(tok[:, None].clone(), positions)
+        return out
