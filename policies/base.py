@@ -31,19 +31,21 @@ NEVER_EVICT = float("inf")
 
 
 class Policy(nn.Module):
+    """Base class; on its own it is `full`: every entry scores the same and none is evicted."""
+
     name = "full"
-    description = "keep everything (no eviction)"
-    has_prefill = False  # compresses the prompt
-    has_decode = False  # evicts generated tokens
+    description = "keep everything (no eviction; runs the policy machinery, as a check)"
+    has_prefill = True  # compresses the prompt
+    has_decode = True  # evicts generated tokens
     window = 0  # prefill observation window the scorer needs (queries); 0 = none
     needs_probs = False  # decode_scores reads the step's attention probabilities
+    aliases: tuple[str, ...] = ()
+    # Options a user may set with --policy-arg key=value are the other plain class attributes.
 
-    def __init__(self, **options):
-        super().__init__()
-        for key, value in options.items():
-            if not hasattr(self, key) or key.startswith("_") or callable(getattr(type(self), key, None)):
-                raise ValueError(key)
-            setattr(self, key, type(getattr(self, key))(value) if getattr(self, key) is not None else value)
+    def check_budget(self, budget: int):
+        """Raise ValueError naming the smallest budget this policy can honour."""
+        if budget < 1:
+            raise ValueError(f"budget must be at least 1 (got {budget})")
 
     # ---- state
     def allocate(self, num_layers: int, batch: int, kv_heads: int, capacity: int, device):
@@ -63,8 +65,8 @@ class Policy(nn.Module):
         """Called with the chosen slot [B, Hkv] before it is freed (it may already be empty)."""
 
 
-def choose_victim(scores: torch.Tensor, pos: torch.Tensor, in_pool: torch.Tensor, pool_budget: int) -> torch.Tensor:
-    """The slot to free per (row, kv head): [B, Hkv, S] -> [B, Hkv].
+def choose_victim(scores: torch.Tensor, pos: torch.Tensor, in_pool: torch.Tensor, pool_budget: torch.Tensor) -> torch.Tensor:
+    """The slot to free per (row, kv head): [B, Hkv, S] -> [B, Hkv]. pool_budget: [B].
 
     While the pool (the entries the policy may evict) holds at most `pool_budget` entries, the
     answer is an empty slot (nothing is evicted). Once it holds more, the pool's lowest-scoring
@@ -75,28 +77,35 @@ def choose_victim(scores: torch.Tensor, pos: torch.Tensor, in_pool: torch.Tensor
     pool = valid & in_pool
     lowest = torch.where(pool, scores, NEVER_EVICT).argmin(dim=-1)
     empty = (~valid).to(torch.int8).argmax(dim=-1)
-    over = pool.sum(dim=-1) > pool_budget
+    over = pool.sum(dim=-1) > pool_budget[:, None]
     return torch.where(over, lowest, empty)
 
 
-def keep_top(scores: torch.Tensor, pos: torch.Tensor, budget: int) -> torch.Tensor:
-    """Prefill selection: indices [B, Hkv, min(budget, N)] of the best valid candidates, in position order."""
-    n = min(budget, scores.shape[-1])
+def keep_top(scores: torch.Tensor, pos: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Prefill selection: the best valid candidates per (row, kv head), `budget` [B] per row.
+
+    Returns (idx [B, Hkv, n], keep [B, Hkv, n]) with n = min(max(budget), N): candidate indices in
+    position order, and whether each is kept (False past the row's budget or on empty candidates).
+    """
+    n = min(int(budget.max()), scores.shape[-1])
     ranked = torch.where(pos >= 0, scores.float(), float("-inf"))
-    idx = ranked.topk(n, dim=-1).indices
-    # Order kept entries by position (empty picks last) so the cache reads like the text.
-    order_key = torch.where(pos.gather(-1, idx) >= 0, pos.gather(-1, idx), torch.iinfo(torch.long).max)
-    return idx.gather(-1, order_key.argsort(dim=-1))
+    top = ranked.topk(n, dim=-1)
+    keep = (top.values > float("-inf")) & (torch.arange(n, device=pos.device) < budget[:, None, None])
+    # Order kept entries by position (dropped ones last) so the cache reads like the text.
+    order_key = torch.where(keep, pos.gather(-1, top.indices), torch.iinfo(torch.long).max)
+    order = order_key.argsort(dim=-1)
+    return top.indices.gather(-1, order), keep.gather(-1, order)
 
 
 @dataclass
 class CachePlan:
     """A prefill part and a decode part, with their budgets.
 
-    - `prefill` (or None): compresses the prompt to `budget` entries per kv head.
+    - `prefill` (or None): compresses the prompt to `budget` entries per kv head (or, with
+      `ratio`, to int(prompt_len * (1 - ratio)) as kvpress's compression_ratio).
     - `decode` (or None): evicts during generation.
         * unified (one name that defines both, e.g. h2o): its pool is the whole cache and its
-          budget is `budget` in total;
+          budget is what prefill kept (`budget`) in total;
         * composed (`snapkv+momentum`) or decode-only alone (`momentum`): its pool is the
           generated tokens only, within `decode_budget`; what prefill kept is frozen.
     - no decode part: generated tokens are never evicted; the cache grows by max_new_tokens.
@@ -105,6 +114,7 @@ class CachePlan:
     prefill: Policy | None = None
     decode: Policy | None = None
     budget: int | None = None  # entries kept per kv head after prefill (None: all)
+    ratio: float | None = None  # alternative to budget: fraction of the prompt removed
     decode_budget: int | None = None  # generated entries per kv head (decode pool)
     unified: bool = False
 
@@ -124,9 +134,24 @@ class CachePlan:
 
     def prefill_keep(self, prompt_len: int) -> int:
         """How many prompt entries per kv head survive prefill."""
-        if self.prefill is None or self.budget is None:
+        if self.prefill is None:
             return prompt_len
-        return min(self.budget, prompt_len)
+        if self.ratio is not None:
+            return max(1, int(prompt_len * (1 - self.ratio)))
+        return prompt_len if self.budget is None else min(self.budget, prompt_len)
+
+    def compresses_prompt(self) -> bool:
+        return self.prefill is not None and (self.budget is not None or self.ratio is not None)
+
+    def pool_budget(self, prompt_len: int) -> int:
+        """Entries the decode policy may hold in its pool."""
+        if self.decode is None:
+            return 2**62
+        if not self.unified:
+            return self.decode_budget
+        if self.budget is None and self.ratio is None:
+            return 2**62  # `full`: the machinery runs, nothing is ever evicted
+        return self.budget if self.budget is not None else self.prefill_keep(prompt_len)
 
     def capacity(self, prompt_len: int, max_new_tokens: int) -> int:
         """Slots per kv head the static cache needs: what is kept, plus one spare to write into."""
@@ -134,10 +159,5 @@ class CachePlan:
         if self.decode is None:
             return kept + max_new_tokens
         if self.unified:
-            return min(self.budget, prompt_len + max_new_tokens) + 1
+            return min(self.pool_budget(prompt_len), prompt_len + max_new_tokens) + 1
         return kept + min(self.decode_budget, max_new_tokens) + 1
-
-    def pool_budget(self) -> int:
-        if self.decode is None:
-            return 2**62
-        return self.budget if self.unified else self.decode_budget

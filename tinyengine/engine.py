@@ -86,6 +86,7 @@ class Engine:
                        for _ in range(a.num_layers)]
         self.next_slot = torch.zeros(a.num_layers, batch, a.num_kv_heads, dtype=torch.long, device=self.device)
         self.prompt_len = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.pool_budget = torch.zeros(batch, dtype=torch.long, device=self.device)
         for p in self.plan.policies():
             p.allocate(a.num_layers, batch, a.num_kv_heads, capacity, self.device)
         self.batch, self.capacity = batch, capacity
@@ -105,6 +106,8 @@ class Engine:
         for c in self.caches:
             c.reset()
         self.prompt_len.copy_(lengths)
+        self.pool_budget.copy_(torch.tensor([self.plan.pool_budget(n) for n in lengths.tolist()]))
+        self._keep = torch.tensor([self.plan.prefill_keep(n) for n in lengths.tolist()], device=self.device)
         chunk = self.prefill_chunk or T
         self._stored = 0  # entries per kv head held in the cache after the chunks so far
         self._kept_scores = [None] * self.args.num_layers
@@ -114,20 +117,22 @@ class Engine:
             real = idx < lengths[:, None]
             q_pos = torch.where(real, idx, PAD_QUERY_POS)
             kv_pos = torch.where(real, idx, -1)
-            last = (lengths - 1 - c0).clamp(0, c1 - c0 - 1)  # only the final chunk's logits are used
-            logits = self.model(tokens[:, c0:c1], torch.where(real, idx, 0),
-                                lambda i: self._prefill_attend(i, q_pos, kv_pos, lengths, c0), last)
+            last = (lengths - 1 - c0).clamp(0, c1 - c0 - 1)
+            chunk_logits = self.model(tokens[:, c0:c1], torch.where(real, idx, 0),
+                                      lambda i: self._prefill_attend(i, q_pos, kv_pos, lengths, c0), last)[:, -1]
+            ends_here = ((lengths - 1 >= c0) & (lengths - 1 < c1))[:, None]  # the row's last token is in this chunk
+            logits = chunk_logits if c0 == 0 else torch.where(ends_here, chunk_logits, logits)
             self._stored = self._after_chunk(c1)
         for i, cache in enumerate(self.caches):
             for p in self.plan.policies():
                 p.on_prefill(i, self._kept_scores[i], self._stored)
             self.next_slot[i] = first_free_slot(cache.pos)
-        return logits[:, -1]
+        return logits
 
     def _after_chunk(self, tokens_so_far: int) -> int:
-        if self.plan.prefill is None or self.plan.budget is None:
+        if not self.plan.compresses_prompt():
             return tokens_so_far
-        return min(self.plan.budget, tokens_so_far)
+        return min(int(self._keep.max()), tokens_so_far)
 
     def _prefill_attend(self, layer, q_pos, kv_pos, lengths, c0):
         cache, plan, n = self.caches[layer], self.plan, self._stored
@@ -135,7 +140,7 @@ class Engine:
         def attend(q, k, v):
             T = k.shape[2]
             pos = kv_pos[:, None, :].expand(-1, k.shape[1], -1)
-            if plan.prefill is None or plan.budget is None:
+            if not plan.compresses_prompt():
                 if n + T > cache.capacity:
                     raise TinyEngineError(f"prompt needs {n + T} cache slots but the cache holds {cache.capacity}")
                 cache.k[:, :, n:n + T], cache.v[:, :, n:n + T], cache.pos[:, :, n:n + T] = k, v, pos
@@ -149,10 +154,14 @@ class Engine:
             if plan.prefill.window > 0:
                 window_probs = self._window_probs(q, keys, values, q_pos, kpos, lengths, c0, plan.prefill.window)
             scores = plan.prefill.prefill_scores(layer, keys, values, kpos, window_probs)
-            keep = keep_top(scores, kpos, plan.budget)
-            gather = keep.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
-            cache.fill(keys.gather(2, gather), values.gather(2, gather), kpos.gather(2, keep))
-            self._kept_scores[layer] = scores.gather(2, keep)
+            if n:  # rows whose prompt ended in an earlier chunk keep what they hold, scores included
+                ended = (lengths <= c0)[:, None, None]
+                previous = torch.cat([self._kept_scores[layer], scores.new_zeros(scores.shape[:2] + (T,))], dim=2)
+                scores = torch.where(ended, previous, scores)
+            idx, keep = keep_top(scores, kpos, self._keep)
+            gather = idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+            cache.fill(keys.gather(2, gather), values.gather(2, gather), kpos.gather(2, idx).masked_fill(~keep, -1))
+            self._kept_scores[layer] = scores.gather(2, idx)
             return out
 
         return attend
@@ -196,7 +205,7 @@ class Engine:
                 out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
             scores = policy.decode_scores(layer, probs, cache.pos, slot)
             in_pool = cache.pos >= (0 if plan.unified else self.prompt_len[:, None, None])
-            victim = choose_victim(scores, cache.pos, in_pool, plan.pool_budget())
+            victim = choose_victim(scores, cache.pos, in_pool, self.pool_budget)
             policy.on_evict(layer, victim, cache)
             cache.evict(victim)
             self.next_slot[layer].copy_(victim)
@@ -227,7 +236,7 @@ class Engine:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p)
         length_t = torch.tensor(lengths, device=self.device)
-        self.setup(B, self.plan.capacity(T, max_new_tokens))
+        self.setup(B, max(self.plan.capacity(n, max_new_tokens) for n in lengths))
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
