@@ -1,0 +1,31 @@
+"""Tensor-parallel context for policies: a rank holds a slice of each layer's heads.
+
+Head-wise policies need nothing from other ranks. A policy whose score averages over all
+query heads of a layer (momentum's head average, TOVA) calls `head_mean`, which all-reduces
+the per-slot sums so every rank makes the decision the single process would make. With one
+process it is a plain mean. The collective is the functional one, so it traces into the
+compiled decode step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def head_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean over dimension `dim` (this rank's query heads) across the heads of every rank."""
+    world = world_size()
+    if world == 1:
+        return x.mean(dim)
+    import torch.distributed._functional_collectives as fc
+
+    total = fc.all_reduce(x.sum(dim), "sum", dist.group.WORLD)
+    return total / (x.shape[dim] * world)
