@@ -29,3 +29,25 @@ def head_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
 
     total = fc.all_reduce(x.sum(dim), "sum", dist.group.WORLD)
     return total / (x.shape[dim] * world)
+
+
+def init_from_env(device: str) -> int:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR...); return the world size.
+
+    gloo on CPU, nccl on CUDA. Without torchrun (no WORLD_SIZE) this is a single process.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return world_size()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return world_size()
+
+
+def shutdown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

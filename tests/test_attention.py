@@ -1,0 +1,70 @@
+"""Every attention backend equals the plain-torch reference on random inputs."""
+import pytest
+import torch
+
+from tinyengine.attention import attention, reference_attention, slot_mask
+
+
+def random_case(B=2, Hq=6, Hkv=2, T=5, S=37, D=16, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k = torch.randn(B, Hkv, S, D, generator=g)
+    v = torch.randn(B, Hkv, S, D, generator=g)
+    # Slots hold a shuffled set of positions with holes (-1), per row and kv head, as after evictions.
+    kv_pos = torch.stack([torch.stack([torch.randperm(S, generator=g) for _ in range(Hkv)]) for _ in range(B)])
+    kv_pos = kv_pos.masked_fill(torch.rand(B, Hkv, S, generator=g) < 0.2, -1)
+    kv_pos[..., 0] = 0  # every query sees at least one slot
+    q_pos = torch.randint(S // 2, S, (B, T), generator=g)
+    kv_bias = torch.randn(B, Hkv, S, generator=g) if bias else None
+    return q, k, v, q_pos, kv_pos, kv_bias
+
+
+def loop_attention(q, k, v, q_pos, kv_pos, kv_bias=None):
+    """The definition, one (row, head, query) at a time."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(Hq):
+            for t in range(T):
+                ok = (kv_pos[b, h // G] >= 0) & (kv_pos[b, h // G] <= q_pos[b, t])
+                s = k[b, h // G] @ q[b, h, t] / D**0.5
+                if kv_bias is not None:
+                    s = s + kv_bias[b, h // G]
+                p = torch.softmax(s.masked_fill(~ok, float("-inf")), dim=0)
+                out[b, h, t] = p @ v[b, h // G]
+    return out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("T", [1, 5])
+def test_reference_equals_definition(T, bias):
+    case = random_case(T=T, bias=bias)
+    out, probs = reference_attention(*case)
+    torch.testing.assert_close(out, loop_attention(*case), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    allowed = slot_mask(case[3], case[4])  # [B, Hkv, T, S]
+    G = case[0].shape[1] // case[1].shape[1]
+    assert (probs[~allowed.repeat_interleave(G, dim=1)] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [dict(T=1, S=37), dict(T=9, S=130), dict(Hq=4, Hkv=4, T=3, S=64)])
+def test_backend_equals_reference(backend, bias, shape):
+    case = random_case(bias=bias, **shape)
+    expected = reference_attention(*case)[0]
+    torch.testing.assert_close(attention(*case, backend=backend), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_causal_prefill_equals_sdpa_is_causal():
+    B, H, T, D = 1, 4, 20, 8
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    pos = torch.arange(T)[None]
+    ours = attention(q, k, v, pos, pos[:, None].expand(B, H, T), backend="flex")
+    torch.testing.assert_close(ours, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=2e-5)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention(*random_case(), backend="magic")

@@ -1,0 +1,140 @@
+"""The engine on a tiny random Llama: equal to transformers, batches, chunks, compile, sampling."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from models.llama import ModelArgs, Transformer
+from policies.base import CachePlan
+from tinyengine.engine import Engine, Sampling, sample
+from tinyengine.errors import TinyEngineError
+
+
+def tiny_pair(layers=2, seed=0, context=256):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                      architectures=["LlamaForCausalLM"])
+    hf = LlamaForCausalLM(cfg).eval()
+    model = Transformer(ModelArgs.from_hf_config(cfg.to_dict()))
+    model.load_state_dict(hf.state_dict(), strict=False)
+    return hf, model.eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair()
+
+
+def prompts_of(lengths, seed=1, vocab=96):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_greedy_equals_transformers(pair):
+    hf, model = pair
+    (prompt,) = prompts_of([13])
+    ours = Engine(model).generate([prompt], 24)[0]
+    ids = torch.tensor([prompt])
+    theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                         pad_token_id=None, eos_token_id=None)[0, 13:].tolist()
+    assert ours == theirs
+
+
+def test_batch_equals_each_prompt_alone(pair):
+    _, model = pair
+    prompts = prompts_of([5, 31, 17, 1])
+    batched = Engine(model).generate(prompts, 20)
+    assert batched == [Engine(model).generate([p], 20)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_chunked_prefill_equals_one_pass(pair, chunk):
+    _, model = pair
+    prompts = prompts_of([40, 23])
+    tokens = torch.zeros(2, 40, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    lengths = torch.tensor([40, 23])
+    one, chunked = Engine(model), Engine(model, prefill_chunk=chunk)
+    for e in (one, chunked):
+        e.setup(2, 64)
+    torch.testing.assert_close(chunked.prefill(tokens, lengths), one.prefill(tokens, lengths), atol=1e-5, rtol=1e-5)
+
+
+def test_policy_machinery_full_equals_no_policy(pair):
+    from policies import make_plan
+
+    _, model = pair
+    prompts = prompts_of([9, 30])
+    assert Engine(model, make_plan("full")).generate(prompts, 16) == Engine(model, CachePlan()).generate(prompts, 16)
+
+
+def test_compiled_decode_equals_eager_without_recompiles():
+    import torch._dynamo
+
+    _, model = tiny_pair(seed=3)
+    eager = Engine(model)
+    compiled = Engine(model, compile=True)
+    for e in (eager, compiled):
+        e.setup(2, 96)
+    torch._dynamo.reset()
+    first = prompts_of([12, 7], seed=2)
+    assert compiled.generate(first, 10) == eager.generate(first, 10)
+    # After the first compile: other steps, prompt lengths and batch contents reuse the graph.
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for seed, lengths in [(4, [30, 3]), (5, [1, 50]), (6, [20, 20])]:
+            batch = prompts_of(lengths, seed=seed)
+            assert compiled.generate(batch, 25) == eager.generate(batch, 25)
+
+
+def test_seeded_sampling_is_reproducible_and_varies(pair):
+    _, model = pair
+    prompt = prompts_of([8])
+    s = Sampling(temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    a, b = Engine(model).generate(prompt, 30, s), Engine(model).generate(prompt, 30, s)
+    c = Engine(model).generate(prompt, 30, Sampling(temperature=1.0, top_k=50, top_p=0.95, seed=8))
+    assert a == b and a != c
+
+
+def test_sample_filters():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    greedy = logits.argmax(-1)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample(logits, Sampling(), g), greedy)
+    assert torch.equal(sample(logits, Sampling(temperature=1.0, top_k=1), g), greedy)
+    assert torch.equal(sample(logits, Sampling(temperature=1.0, top_p=1e-6), g), greedy)
+    top3 = logits.topk(3, dim=-1).indices
+    for _ in range(50):
+        draw = sample(logits, Sampling(temperature=2.0, top_k=3), g)
+        assert (top3 == draw[:, None]).any(-1).all()
+
+
+def test_temperature_sampling_matches_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits.expand(500, -1), Sampling(temperature=0.7), g) for _ in range(8)]).flatten()
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.7, -1), atol=0.02, rtol=0)
+
+
+def test_bad_requests(pair):
+    _, model = pair
+    e = Engine(model)
+    with pytest.raises(TinyEngineError, match="context"):
+        e.generate(prompts_of([300]), 5)
+    with pytest.raises(TinyEngineError, match="max_new_tokens"):
+        e.generate(prompts_of([5]), 0)
+    with pytest.raises(TinyEngineError, match="empty prompt"):
+        e.generate([[]], 5)
+
+
+def test_kv_bytes_is_what_is_allocated(pair):
+    _, model = pair
+    e = Engine(model)
+    e.generate(prompts_of([10]), 6)
+    a = model.args
+    slots = e.capacity
+    assert e.kv_bytes() == a.num_layers * slots * a.num_kv_heads * (2 * a.head_dim * 4 + 8)
