@@ -16,7 +16,7 @@ def run(*args, timeout=600):
     return p.returncode, p.stdout, p.stderr
 
 
-def test_chat_answers_paris(smollm2_folder):
+def test_chat_answers_paris(smollm2):
     code, out, err = run("--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "30")
     assert code == 0, err
     assert "paris" in out.lower()
@@ -39,7 +39,7 @@ LONG_PROMPT = " ".join(f"Item {i} is a {['red', 'green', 'blue'][i % 3]} box." f
     ["--policy", "streamingllm", "--budget", "256"],
     ["--policy", "snapkv", "--budget", "256", "--prefill-chunk", "300"],
 ])
-def test_policies_run_on_a_long_prompt(smollm2_folder, policy_args):
+def test_policies_run_on_a_long_prompt(smollm2, policy_args):
     code, out, err = run("--prompt", LONG_PROMPT, "--max-new-tokens", "12", *policy_args)
     assert code == 0, err
     assert out.strip()
@@ -81,7 +81,7 @@ def test_bad_input_is_one_line_and_exit_2(args, needle):
     assert needle.lower() in lines[0].lower(), lines[0]
 
 
-def test_prompt_longer_than_context(smollm2_folder, tmp_path):
+def test_prompt_longer_than_context(smollm2, tmp_path):
     long = tmp_path / "long.txt"
     long.write_text("word " * 9000)  # SmolLM2's context is 8192 tokens
     code, _, err = run("--prompt-file", str(long), "--max-new-tokens", "2")
