@@ -35,7 +35,18 @@ def load(checkpoint: str = "smollm2-135m", device: str = "cpu", dtype: str = "fl
         raise TinyEngineError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise TinyEngineError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
-    folder = resolve_checkpoint(checkpoint, progress=progress)
-    tokenizer = Tokenizer.from_folder(folder)
-    model = load_model(folder, device=dev, dtype=DTYPES[dtype])
-    return model, tokenizer
+    from tinyengine import dist
+
+    world = dist.world_size()
+    if world == 1:
+        folder = resolve_checkpoint(checkpoint, progress=progress)
+        return load_model(folder, device=dev, dtype=DTYPES[dtype]), Tokenizer.from_folder(folder)
+    # Tensor parallel (torchrun): each node's first rank converts or downloads the checkpoint once,
+    # then every rank loads only its slices onto its own GPU.
+    from tinyengine.tp import load_sharded_model
+
+    folder = dist.first_on_node(lambda: resolve_checkpoint(checkpoint, progress=progress))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())  # init_from_env set it from LOCAL_RANK
+    model = load_sharded_model(folder, dist.rank(), world, device=dev, dtype=DTYPES[dtype])
+    return model, Tokenizer.from_folder(folder)

@@ -51,3 +51,21 @@ def init_from_env(device: str) -> int:
 def shutdown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def first_on_node(fn):
+    """Run fn() on each node's first rank (LOCAL_RANK 0) before the other ranks run it, e.g. to
+    convert or download a checkpoint once per node; the others then find it cached. The barrier
+    is reached even when fn raises, so a failure never leaves the other ranks waiting."""
+    import os
+
+    if world_size() == 1:
+        return fn()
+    first = int(os.environ.get("LOCAL_RANK", rank())) == 0
+    if not first:
+        dist.barrier()
+    try:
+        return fn()
+    finally:
+        if first:
+            dist.barrier()
