@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     from tinyengine import dist as tp
     from tinyengine.engine import Engine, Sampling
     from tinyengine.tokenizer import StreamDecoder
+    from tinyengine.tp import parameter_count
 
     if args.list_policies:
         print(describe())
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     model, tokenizer = tinyengine.load(args.checkpoint, device=device, dtype=dtype, progress=tp.rank() == 0)
     if talk:
         print(f"[loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s: {model.args.num_layers} layers, "
-              f"{sum(p.numel() for p in model.parameters()) * world / 1e6:.0f}M parameters, {dtype} on {device}"
+              f"{parameter_count(model) / 1e6:.0f}M parameters, {dtype} on {device}"
               + (f", tensor parallel over {world} ranks" if world > 1 else "") + "]", file=sys.stderr)
 
     texts = prompts

@@ -138,3 +138,13 @@ def test_kv_bytes_is_what_is_allocated(pair):
     a = model.args
     slots = e.capacity
     assert e.kv_bytes() == a.num_layers * slots * a.num_kv_heads * (2 * a.head_dim * 4 + 8)
+
+
+@pytest.mark.parametrize("module", ["models.llama", "policies", "policies.base", "tinyengine", "tinyengine.engine",
+                                    "tinyengine.attention", "tinyengine.tp", "tinyengine.errors"])
+def test_every_module_imports_first(module):
+    """Any module imported first in a fresh interpreter works (no circular-import traps)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, capture_output=True)

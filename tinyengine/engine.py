@@ -75,20 +75,31 @@ class Engine:
         self.caches: list[KVCache] = []
         self.batch = self.capacity = 0
         self.decode_step = torch.compile(self._decode_step, fullgraph=True, dynamic=False) if compile else self._decode_step
+        nc = self.plan.correction
+        if nc is not None and nc.count_in_budget:  # the moments' memory, in cache slots, comes off the budget
+            slot_bytes = 2 * self.args.head_dim * self.dtype.itemsize + 8  # K, V and the int64 position
+            try:
+                self.plan.reserve(nc.reserved_tokens(self.args.head_dim, slot_bytes))
+            except ValueError as e:
+                raise TinyEngineError(str(e)) from None
 
     # ------------------------------------------------------------------ setup
-    def setup(self, batch: int, capacity: int):
-        """Allocate the static caches (reused while batch and capacity suffice)."""
-        if batch == self.batch and capacity <= self.capacity:
-            return
+    def setup(self, batch: int, capacity: int | list[int]):
+        """Allocate the static caches (reused while batch and capacity suffice). capacity: slots
+        per kv head, for every layer or a list with one per layer (per-layer budgets: pyramidkv)."""
         a = self.args
-        self.caches = [KVCache(batch, a.num_kv_heads, capacity, a.head_dim, self.dtype, self.device)
-                       for _ in range(a.num_layers)]
+        caps = list(capacity) if isinstance(capacity, (list, tuple)) else [capacity] * a.num_layers
+        if batch == self.batch and all(c <= cache.capacity for c, cache in zip(caps, self.caches)):
+            return
+        capacity = max(caps)  # policy state is allocated for the largest layer
+        self.caches = [KVCache(batch, a.num_kv_heads, cap, a.head_dim, self.dtype, self.device) for cap in caps]
         self.next_slot = torch.zeros(a.num_layers, batch, a.num_kv_heads, dtype=torch.long, device=self.device)
         self.prompt_len = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.pool_budget = torch.zeros(batch, dtype=torch.long, device=self.device)
         for p in self.plan.policies():
             p.allocate(a.num_layers, batch, a.num_kv_heads, capacity, self.device)
+        if self.plan.correction is not None:
+            self.plan.correction.allocate(a.num_layers, batch, a.num_kv_heads, a.head_dim, self.device)
         self.batch, self.capacity = batch, capacity
 
     def kv_bytes(self) -> int:
@@ -96,20 +107,34 @@ class Engine:
         return sum(c.nbytes() for c in self.caches)
 
     def state_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for p in self.plan.policies() for b in p.buffers())
+        """Bytes of policy state, the moments of the evicted set (policies/correction.py) included."""
+        modules = self.plan.policies() + ([self.plan.correction] if self.plan.correction is not None else [])
+        return sum(b.numel() * b.element_size() for p in modules for b in p.buffers())
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] right-padded, lengths [B] -> logits [B, V] at each row's last token."""
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, pool_budget: list[int] | None = None) -> torch.Tensor:
+        """tokens [B, T] right-padded, lengths [B] -> logits [B, V] at each row's last token.
+
+        pool_budget: optional decode-pool budget per row, overriding the plan's (bench.py runs one
+        policy at several decode budgets as rows of one batch; the cache must be set up for the largest).
+        """
         B, T = tokens.shape
         for c in self.caches:
             c.reset()
+        if self.plan.correction is not None:
+            self.plan.correction.reset()
         self.prompt_len.copy_(lengths)
-        self.pool_budget.copy_(torch.tensor([self.plan.pool_budget(n) for n in lengths.tolist()]))
+        budgets = pool_budget if pool_budget is not None else [self.plan.pool_budget(n) for n in lengths.tolist()]
+        self.pool_budget.copy_(torch.tensor(budgets))
         self._keep = torch.tensor([self.plan.prefill_keep(n) for n in lengths.tolist()], device=self.device)
+        L = self.args.num_layers  # each layer's keep (differs under per-layer budgets: pyramidkv)
+        self._layer_keep = [torch.tensor([self.plan.prefill_keep(n, i, L) for n in lengths.tolist()], device=self.device)
+                            for i in range(L)]
+        for p in self.plan.policies():
+            p.start(self._keep, self.pool_budget)
         chunk = self.prefill_chunk or T
-        self._stored = 0  # entries per kv head held in the cache after the chunks so far
+        self._stored = [0] * L  # entries per kv head each layer's cache holds after the chunks so far
         self._kept_scores = [None] * self.args.num_layers
         for c0 in range(0, T, chunk):
             c1 = min(c0 + chunk, T)
@@ -125,17 +150,17 @@ class Engine:
             self._stored = self._after_chunk(c1)
         for i, cache in enumerate(self.caches):
             for p in self.plan.policies():
-                p.on_prefill(i, self._kept_scores[i], self._stored)
+                p.on_prefill(i, self._kept_scores[i], self._stored[i])
             self.next_slot[i] = first_free_slot(cache.pos)
         return logits
 
-    def _after_chunk(self, tokens_so_far: int) -> int:
+    def _after_chunk(self, tokens_so_far: int) -> list[int]:
         if not self.plan.compresses_prompt():
-            return tokens_so_far
-        return min(int(self._keep.max()), tokens_so_far)
+            return [tokens_so_far] * len(self._layer_keep)
+        return [min(int(keep.max()), tokens_so_far) for keep in self._layer_keep]
 
     def _prefill_attend(self, layer, q_pos, kv_pos, lengths, c0):
-        cache, plan, n = self.caches[layer], self.plan, self._stored
+        cache, plan, n = self.caches[layer], self.plan, self._stored[layer]
 
         def attend(q, k, v):
             T = k.shape[2]
@@ -149,16 +174,27 @@ class Engine:
             keys = torch.cat([cache.k[:, :, :n], k], dim=2)
             values = torch.cat([cache.v[:, :, :n], v], dim=2)
             kpos = torch.cat([cache.pos[:, :, :n], pos], dim=2)
-            out = attention(q, keys, values, q_pos, kpos, backend=self.prefill_backend)
-            window_probs = None
-            if plan.prefill.window > 0:
-                window_probs = self._window_probs(q, keys, values, q_pos, kpos, lengths, c0, plan.prefill.window)
-            scores = plan.prefill.prefill_scores(layer, keys, values, kpos, window_probs)
+            if plan.correction is not None and plan.correction.apply_nc and c0 > 0:  # earlier chunks evicted
+                out = plan.correction.attention(layer, q, keys, values, q_pos, kpos, self.prefill_backend, False)[0]
+            else:
+                out = attention(q, keys, values, q_pos, kpos, backend=self.prefill_backend)
+            window_probs, extra = None, {}
+            if plan.prefill.window != 0:  # window -1: every query of the chunk (h2o)
+                window = T if plan.prefill.window < 0 else plan.prefill.window
+                window_probs = self._window_probs(q, keys, values, q_pos, kpos, lengths, c0, window)
+            if getattr(plan.prefill, "needs_query", False):  # e.g. momentkv's MI reads queries and moments
+                extra = dict(window=self._window_queries(q, q_pos, lengths, c0, plan.prefill.window),
+                             keep=self._keep, moments=plan.correction)
+            scores = plan.prefill.prefill_scores(layer, keys, values, kpos, window_probs, **extra)
             if n:  # rows whose prompt ended in an earlier chunk keep what they hold, scores included
                 ended = (lengths <= c0)[:, None, None]
                 previous = torch.cat([self._kept_scores[layer], scores.new_zeros(scores.shape[:2] + (T,))], dim=2)
                 scores = torch.where(ended, previous, scores)
-            idx, keep = keep_top(scores, kpos, self._keep)
+            idx, keep = keep_top(scores, kpos, self._layer_keep[layer])
+            plan.prefill.on_select(layer, idx, keep)
+            if plan.correction is not None:  # the dropped candidates join the evicted set's moments
+                kept = torch.zeros_like(kpos, dtype=torch.bool).scatter(2, idx, keep)
+                plan.correction.absorb(layer, keys, values, (kpos >= 0) & ~kept)
             gather = idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
             cache.fill(keys.gather(2, gather), values.gather(2, gather), kpos.gather(2, idx).masked_fill(~keep, -1))
             self._kept_scores[layer] = scores.gather(2, idx)
@@ -173,14 +209,20 @@ class Engine:
         Returns [B, Hq, window, N]; rows of the window that fall before the chunk or on
         padding are zero, so they add nothing to scores.
         """
+        qw, qw_pos, ok = Engine._window_queries(q, q_pos, lengths, c0, window)
+        probs = reference_attention(qw, keys, values, qw_pos, kpos)[1]
+        return probs * ok[:, None, :, None]
+
+    @staticmethod
+    def _window_queries(q, q_pos, lengths, c0, window):
+        """Each row's last `window` real queries of this chunk: (q [B, Hq, window, D], positions
+        [B, window], ok [B, window]: False for rows of the window before the chunk or on padding)."""
         B, Hq, T, D = q.shape
         last = (lengths - c0).clamp(max=T) - 1  # index of the row's last real query in the chunk
         idx = last[:, None] - torch.arange(window - 1, -1, -1, device=q.device)
         ok = idx >= 0
         idx = idx.clamp(min=0)
-        qw = q.gather(2, idx[:, None, :, None].expand(-1, Hq, -1, D))
-        probs = reference_attention(qw, keys, values, q_pos.gather(1, idx), kpos)[1]
-        return probs * ok[:, None, :, None]
+        return q.gather(2, idx[:, None, :, None].expand(-1, Hq, -1, D)), q_pos.gather(1, idx), ok
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -193,20 +235,25 @@ class Engine:
         def attend(q, k, v):
             slot = self.next_slot[layer]
             cache.write(slot, k[:, :, 0], v[:, :, 0], pos)
-            policy = plan.decode
-            if policy is None:
-                out = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend)
-                self.next_slot[layer].copy_(first_free_slot(cache.pos))
-                return out
-            if policy.needs_probs or self.decode_backend == "reference":
+            policy, nc = plan.decode, plan.correction
+            need = policy is not None and policy.needs_probs
+            if nc is not None:  # NC (or, for MI alone, plain attention): policies/correction.py
+                out, probs = nc.attention(layer, q, cache.k, cache.v, pos[:, None], cache.pos, self.decode_backend, need)
+            elif need or self.decode_backend == "reference":
                 out, probs = reference_attention(q, cache.k, cache.v, pos[:, None], cache.pos)
-                probs = probs[:, :, 0]
             else:
                 out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
-            scores = policy.decode_scores(layer, probs, cache.pos, slot)
+            if policy is None:
+                self.next_slot[layer].copy_(first_free_slot(cache.pos))
+                return out
+            probs = None if probs is None else probs[:, :, 0]
+            extra = dict(query=q, out=out, cache=cache, moments=nc) if getattr(policy, "needs_query", False) else {}
+            scores = policy.decode_scores(layer, probs, cache.pos, slot, **extra)
             in_pool = cache.pos >= (0 if plan.unified else self.prompt_len[:, None, None])
             victim = choose_victim(scores, cache.pos, in_pool, self.pool_budget)
             policy.on_evict(layer, victim, cache)
+            if nc is not None:  # the victim joins the evicted set's moments (an empty slot adds nothing)
+                nc.absorb_slot(layer, victim, cache)
             cache.evict(victim)
             self.next_slot[layer].copy_(victim)
             return out
@@ -236,10 +283,14 @@ class Engine:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p)
         length_t = torch.tensor(lengths, device=self.device)
-        self.setup(B, max(self.plan.capacity(n, max_new_tokens) for n in lengths))
+        L = self.args.num_layers
+        self.setup(B, [max(self.plan.capacity(n, max_new_tokens, i, L) for n in lengths) for i in range(L)])
+        from tinyengine.tp import shared_seed  # (tp imports the model; a top-level import would be circular)
+
         generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        seed = shared_seed(sampling.seed)  # tensor parallel: every rank must draw the same token
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
         logits = self.prefill(tokens, length_t)
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
