@@ -184,7 +184,7 @@ class Engine:
                 window_probs = self._window_probs(q, keys, values, q_pos, kpos, lengths, c0, window)
             if getattr(plan.prefill, "needs_query", False):  # e.g. momentkv's MI reads queries and moments
                 extra = dict(window=self._window_queries(q, q_pos, lengths, c0, plan.prefill.window),
-                             keep=self._keep, moments=plan.correction)
+                             keep=self._layer_keep[layer], moments=plan.correction)
             scores = plan.prefill.prefill_scores(layer, keys, values, kpos, window_probs, **extra)
             if n:  # rows whose prompt ended in an earlier chunk keep what they hold, scores included
                 ended = (lengths <= c0)[:, None, None]

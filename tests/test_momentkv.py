@@ -1,0 +1,400 @@
+"""MomentKV (policies/momentkv.py, policies/correction.py): exact moments, NC, MI, the engine wiring."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from policies import make_plan
+from policies.correction import Correction, batch_moments, flex_with_lse, moment_floats, nc_attention, nc_merge
+from policies.momentkv import ABLATION, mi_cost
+from tinyengine.attention import reference_attention
+from tinyengine.engine import Engine
+from tinyengine.errors import TinyEngineError
+
+from test_engine import prompts_of, tiny_pair
+
+W = {"window": "16"}  # a small observation window for the tiny prompts (momentkv's default is 64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_pair()[1]
+
+
+def moments64(k, v):
+    """Definition of the moments, float64, of one set: k, v [n, D]."""
+    k, v = k.double(), v.double()
+    mk, mv = k.mean(0), v.mean(0)
+    return len(k), mk, mv, (v - mv).T @ (k - mk) / len(k)
+
+
+# ----------------------------------------------------------------------------- moments
+
+
+@given(seed=st.integers(0, 10**6), ops=st.lists(st.sampled_from(["one", "batch", "empty"]), min_size=1, max_size=12))
+def test_moments_equal_batch_recomputation(seed, ops):
+    """After any sequence of single (decode) and batch (prefill) evictions, some of empty slots,
+    the online moments equal the moments of everything evicted, recomputed at once."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, D = 2, 2, 4
+    c = Correction()
+    c.allocate(2, B, H, D, "cpu")
+    evicted = [[[] for _ in range(H)] for _ in range(B)]
+    for op in ops:
+        if op == "batch":
+            n = int(torch.randint(1, 9, (1,), generator=g))
+            k, v = torch.randn(B, H, n, D, generator=g) * 3 + 1, torch.randn(B, H, n, D, generator=g)
+            mask = torch.rand(B, H, n, generator=g) < 0.6
+            c.absorb(1, k, v, mask)
+        else:
+            k, v = torch.randn(B, H, 1, D, generator=g) * 3 + 1, torch.randn(B, H, 1, D, generator=g)
+            mask = (torch.rand(B, H, 1, generator=g) < 0.7) & (op == "one")
+            before = [t.clone() for t in c.moments(1)]
+            c.absorb_one(1, k[:, :, 0], v[:, :, 0], mask[:, :, 0])
+            for b in range(B):
+                for h in range(H):
+                    if not mask[b, h, 0]:  # an empty slot: bit for bit no change, no branch
+                        assert all(torch.equal(x[b, h], y[b, h]) for x, y in zip(c.moments(1), before))
+        for b in range(B):
+            for h in range(H):
+                evicted[b][h] += [(k[b, h, i], v[b, h, i]) for i in range(k.shape[2]) if mask[b, h, i]]
+    n, mk, mv, C = c.moments(1)
+    for b in range(B):
+        for h in range(H):
+            if not evicted[b][h]:
+                assert n[b, h] == 0 and not C[b, h].any() and not mk[b, h].any()
+                continue
+            want = moments64(torch.stack([e[0] for e in evicted[b][h]]), torch.stack([e[1] for e in evicted[b][h]]))
+            assert n[b, h] == want[0]
+            for got, exp in zip((mk[b, h], mv[b, h], C[b, h]), want[1:]):
+                torch.testing.assert_close(got.double(), exp, atol=2e-5, rtol=1e-4)
+    assert not c.n[0].any()  # other layers untouched
+
+
+def test_batch_moments_definition():
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 1, 20, 8, generator=g), torch.randn(1, 1, 20, 8, generator=g)
+    mask = torch.rand(1, 1, 20, generator=g) < 0.5
+    n, mk, mv, C = batch_moments(k, v, mask)
+    want = moments64(k[0, 0][mask[0, 0]], v[0, 0][mask[0, 0]])
+    assert n.item() == want[0]
+    for got, exp in zip((mk[0, 0], mv[0, 0], C[0, 0]), want[1:]):
+        torch.testing.assert_close(got.double(), exp, atol=1e-6, rtol=1e-5)
+    assert moment_floats(64) == 64 * 64 + 2 * 64 + 1
+
+
+# ----------------------------------------------------------------------------- NC
+
+
+def gaussian_case(seed, B=2, Hq=4, Hkv=2, S=48, D=16, T=1, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, T, D, generator=g) * scale
+    k = torch.randn(B, Hkv, S, D, generator=g) * scale
+    v = torch.randn(B, Hkv, S, D, generator=g)
+    evicted = torch.rand(B, Hkv, S, generator=g) < 0.5
+    evicted[..., -1] = False  # every query keeps at least one slot
+    return q, k, v, evicted
+
+
+def split(k, v, evicted):
+    """The cache after eviction (evicted slots emptied) and the evicted set's moments."""
+    S = k.shape[2]
+    pos = torch.arange(S).expand(k.shape[:3]).masked_fill(evicted, -1)
+    return pos, batch_moments(k, v, evicted)
+
+
+def full_attention(q, k, v):
+    S = k.shape[2]
+    pos = torch.arange(S).expand(k.shape[:3])
+    return reference_attention(q, k, v, torch.full(q.shape[:1] + q.shape[2:3], S), pos)[0]
+
+
+def nc_loop(q, k, v, evicted):
+    """(Z_K o_K + Z_E (mu_v + tau C q)) / (Z_K + Z_E), one (row, head) at a time, float64."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    tau = 1 / math.sqrt(D)
+    out = torch.zeros(B, Hq, T, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            kk, vv, ev = k[b, h // G].double(), v[b, h // G].double(), evicted[b, h // G]
+            n, mk, mv, C = moments64(kk[ev], vv[ev]) if ev.any() else (0, 0, 0, 0)
+            for t in range(T):
+                qq = q[b, h, t].double()
+                e = torch.exp(tau * kk[~ev] @ qq)
+                zk, ok = e.sum(), e @ vv[~ev] / e.sum()
+                ze = n * torch.exp(tau * qq @ mk) if n else 0.0
+                pred = mv + tau * C @ qq if n else 0.0
+                out[b, h, t] = (zk * ok + ze * pred) / (zk + ze)
+    return out
+
+
+def test_nc_with_nothing_evicted_is_plain_attention_exactly():
+    q, k, v, _ = gaussian_case(0, T=3)
+    pos = torch.arange(k.shape[2]).expand(k.shape[:3]).clone()
+    pos[0, 1, 5:9] = -1  # holes are not evictions
+    none = batch_moments(k, v, torch.zeros(k.shape[:3], dtype=torch.bool))
+    q_pos = torch.full((2, 3), 100)
+    out, probs, w = nc_attention(q, k, v, q_pos, pos, none)
+    plain, plain_probs = reference_attention(q, k, v, q_pos, pos)
+    assert torch.equal(out, plain) and torch.equal(probs, plain_probs) and not w.any()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nc_equals_loop_reference_both_paths(seed):
+    q, k, v, evicted = gaussian_case(seed, T=2)
+    pos, m = split(k, v, evicted)
+    q_pos = torch.full((2, 2), 1000)
+    out, probs, w = nc_attention(q, k, v, q_pos, pos, m)
+    want = nc_loop(q, k, v, evicted)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(probs.sum(-1) + w, torch.ones_like(w))  # the virtual slot holds the rest
+    # The LSE formulation (FlexAttention on CUDA; eager here) gives the same numbers.
+    flex_out, lse = flex_with_lse(q, k, v, q_pos, pos)
+    torch.testing.assert_close(nc_merge(q, flex_out, lse, m)[0].double(), want, atol=2e-5, rtol=1e-4)
+    c = Correction()
+    c.allocate(1, 2, 2, 16, "cpu")
+    c.absorb(0, k, v, evicted)
+    torch.testing.assert_close(c.correct(0, q, flex_out, lse).double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_nc_is_exact_when_every_evicted_key_is_the_mean():
+    q, k, v, evicted = gaussian_case(2, T=4)
+    k = k.clone()
+    shared = torch.randn(2, 2, 1, 16)
+    k = torch.where(evicted.unsqueeze(-1), shared, k)  # the evicted keys coincide, their values differ
+    pos, m = split(k, v, evicted)
+    out = nc_attention(q, k, v, torch.full((2, 4), 1000), pos, m)[0]
+    full = full_attention(q, k, v)
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+    plain = reference_attention(q, k, v, torch.full((2, 4), 1000), pos)[0]
+    assert (plain - full).abs().max() > 1e-2  # eviction alone is visibly off here
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nc_error_below_plain_eviction_on_gaussian_data(seed):
+    q, k, v, evicted = gaussian_case(seed, B=4, S=256, T=16, D=32)
+    pos, m = split(k, v, evicted)
+    q_pos = torch.full((4, 16), 1000)
+    full = full_attention(q, k, v)
+    nc_err = (nc_attention(q, k, v, q_pos, pos, m)[0] - full).norm(dim=-1)
+    plain_err = (reference_attention(q, k, v, q_pos, pos)[0] - full).norm(dim=-1)
+    assert nc_err.mean() < 0.5 * plain_err.mean()
+    assert (nc_err < plain_err).float().mean() > 0.9
+
+
+# ----------------------------------------------------------------------------- MI
+
+
+def test_nc_error_decomposes_exactly_per_evicted_token():
+    """The identity MI rests on: o_true - o_NC = sum_E pbar phi(x_i) (v_i - o_NC), float64."""
+    g = torch.Generator().manual_seed(5)
+    D, S = 8, 30
+    q, k, v = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(S, D, generator=g, dtype=torch.float64), torch.randn(S, D, generator=g, dtype=torch.float64)
+    ev = torch.rand(S, generator=g) < 0.5
+    tau = 1 / math.sqrt(D)
+    n, mk, mv, C = moments64(k[ev], v[ev])
+    e = torch.exp(tau * k @ q)
+    Z = e.sum()
+    o_true = e @ v / Z
+    ze = n * torch.exp(tau * q @ mk)
+    o_nc = (e[~ev] @ v[~ev] + ze * (mv + tau * C @ q)) / (e[~ev].sum() + ze)
+    x = tau * (k[ev] - mk) @ q
+    pbar = torch.exp(tau * q @ mk) / Z
+    residual = ((pbar * (torch.expm1(x) - x)).unsqueeze(-1) * (v[ev] - o_nc)).sum(0)
+    torch.testing.assert_close(o_true - o_nc, residual, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["nc", "value"])
+def test_mi_cost_equals_loop_reference(kind):
+    q, k, v, evicted = gaussian_case(3, T=2, S=20)
+    cand = ~evicted  # what is still cached: the candidates
+    pos, current = split(k, v, evicted)
+    drop = cand & (torch.rand(cand.shape, generator=torch.Generator().manual_seed(1)) < 0.3)
+    reference = batch_moments(k, v, evicted | drop)
+    allowed = cand.unsqueeze(2).expand(-1, -1, 2, -1)
+    got = mi_cost(q, allowed, k, v, current, reference, kind)
+    B, Hq, T, D = q.shape
+    G, tau = Hq // 2, 1 / math.sqrt(D)
+    for b in range(B):
+        for h in range(Hq):
+            kk, vv, c = k[b, h // G].double(), v[b, h // G].double(), cand[b, h // G]
+            n_c, mk_c, mv_c, C_c = moments64(kk[evicted[b, h // G]], vv[evicted[b, h // G]])
+            n_r, mk_r, mv_r, C_r = moments64(kk[evicted[b, h // G] | drop[b, h // G]], vv[evicted[b, h // G] | drop[b, h // G]])
+            for t in range(T):
+                qq = q[b, h, t].double()
+                e = torch.exp(tau * kk[c] @ qq)
+                Z = e.sum() + n_c * torch.exp(tau * qq @ mk_c)  # normalizer estimated with the current summary
+                o = (e @ vv[c] + n_c * torch.exp(tau * qq @ mk_c) * (mv_c + tau * C_c @ qq)) / Z
+                if kind == "nc":
+                    x = tau * (kk[c] - mk_r) @ qq
+                    weight = torch.exp(tau * qq @ mk_r) / Z * (torch.expm1(x) - x)
+                    target = o
+                else:
+                    weight = e / Z
+                    target = mv_r + tau * C_r @ qq
+                d = (vv[c] - target).norm(dim=-1)
+                want = weight * d / d.pow(2).mean().sqrt()
+                torch.testing.assert_close(got[b, h, t][c].double(), want, atol=1e-6, rtol=1e-4)
+                assert not got[b, h, t][~c].any()
+
+
+# ----------------------------------------------------------------------------- plans and the engine
+
+
+def test_plans_and_errors():
+    assert make_plan("momentkv", budget=128).correction.apply_nc
+    assert make_plan("snapkv+momentum", budget=64, decode_budget=8, correction="nc").correction.apply_nc
+    assert make_plan("h2o", budget=64, correction="nc").correction is not None
+    assert make_plan("snapkv+momentum", budget=64, decode_budget=8).correction is None
+    variants = {name: make_plan("momentkv", budget=128, options=opts) for name, opts in ABLATION.items()}
+    assert variants["evict-only"].correction is None
+    assert variants["NC"].correction.apply_nc and variants["NC"].decode.mi == "none"
+    assert not variants["MI"].correction.apply_nc and variants["MI"].decode.mi == "nc"
+    assert not make_plan("momentkv", budget=128, correction="none").correction.apply_nc  # MI alone
+    with pytest.raises(ValueError, match="evicts none"):
+        make_plan("full", correction="nc")
+    with pytest.raises(ValueError, match="unknown correction"):
+        make_plan("momentkv", budget=128, correction="magic")
+    with pytest.raises(ValueError, match="keeps no moments"):
+        make_plan("h2o", budget=64, options={"count_moments_in_budget": "true"})
+    with pytest.raises(ValueError, match="unknown mi"):
+        make_plan("momentkv", budget=128, options={"mi": "psychic"})
+    with pytest.raises(ValueError, match="window"):
+        make_plan("momentkv", budget=64)  # the default window 64 needs 65
+
+
+def layer0_kv(model, tokens):
+    """Keys (after RoPE) and values of layer 0 for every token: they do not depend on the cache."""
+    e = Engine(model)
+    e.setup(1, len(tokens) + 1)
+    e.prefill(torch.tensor([tokens]), torch.tensor([len(tokens)]))
+    return e.caches[0].k[0, :, : len(tokens)], e.caches[0].v[0, :, : len(tokens)]
+
+
+@pytest.mark.parametrize("spec,kw,chunk", [
+    ("momentkv", dict(budget=40, options=W), None),
+    ("momentkv", dict(budget=40, options=W), 16),
+    ("snapkv+momentum", dict(budget=40, decode_budget=8, correction="nc"), 16),
+])
+def test_engine_moments_are_those_of_the_evicted_tokens(model, spec, kw, chunk):
+    """End to end, layer 0: the moments equal the moments of every token no longer in the cache,
+    whether prefill dropped it (batch merges, chunk by chunk) or decode evicted it (one by one)."""
+    (prompt,) = prompts_of([70])
+    e = Engine(model, make_plan(spec, **kw), prefill_chunk=chunk)
+    out = e.generate([prompt], 40)[0]
+    tokens = prompt + out[:-1]  # the last token was sampled, never written
+    k, v = layer0_kv(model, tokens)
+    pos = e.caches[0].pos[0]
+    budget = kw["budget"] + kw.get("decode_budget", 0)
+    assert ((pos >= 0).sum(-1) <= budget).all()
+    n, mk, mv, C = e.plan.correction.moments(0)
+    for h in range(pos.shape[0]):
+        gone = torch.ones(len(tokens), dtype=torch.bool)
+        gone[pos[h][pos[h] >= 0]] = False
+        want = moments64(k[h][gone], v[h][gone])
+        assert n[0, h] == want[0] == len(tokens) - (pos[h] >= 0).sum()
+        for got, exp in zip((mk[0, h], mv[0, h], C[0, h]), want[1:]):
+            torch.testing.assert_close(got.double(), exp, atol=1e-5, rtol=1e-4)
+
+
+def test_engine_nc_without_evictions_is_bitwise_plain(model):
+    prompts = prompts_of([30, 12])
+    tokens = torch.zeros(2, 30, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    lengths = torch.tensor([30, 12])
+    plain, nc = Engine(model, make_plan("momentum", decode_budget=64)), Engine(model, make_plan("momentum", decode_budget=64, correction="nc"))
+    for e in (plain, nc):
+        e.setup(2, 100)
+    a, b = plain.prefill(tokens, lengths), nc.prefill(tokens, lengths)
+    assert torch.equal(a, b)
+    for step in range(10):
+        tok, positions = a.argmax(-1, keepdim=True), (lengths + step)[:, None]
+        a, b = plain.decode_step(tok, positions), nc.decode_step(tok, positions)
+        assert torch.equal(a, b)
+
+
+def test_momentkv_without_mi_and_nc_keeps_snapkvs_prompt(model):
+    prompts = prompts_of([80, 50])
+    for chunk in (None, 32):
+        snap = Engine(model, make_plan("snapkv", budget=40, options=W), prefill_chunk=chunk)
+        mkv = Engine(model, make_plan("momentkv", budget=40, options={**W, **ABLATION["evict-only"]}), prefill_chunk=chunk)
+        for e in (snap, mkv):
+            e.generate(prompts, 1)
+        for a, b in zip(snap.caches, mkv.caches):
+            assert torch.equal(a.pos.sort(-1).values, b.pos[..., : a.pos.shape[-1]].sort(-1).values)
+
+
+def test_mi_changes_the_prompt_selection(model):
+    """MI re-ranks: with the same base scorer, some kept entries differ from SnapKV's."""
+    prompts = prompts_of([120])
+    snap = Engine(model, make_plan("momentkv", budget=40, options={**W, **ABLATION["evict-only"]}))
+    mi = Engine(model, make_plan("momentkv", budget=40, options={**W, "mi_weight": 5.0}))
+    for e in (snap, mi):
+        e.generate(prompts, 1)
+    assert any(not torch.equal(a.pos.sort(-1).values, b.pos.sort(-1).values) for a, b in zip(snap.caches, mi.caches))
+
+
+def test_counting_moments_in_the_budget(model):
+    a = model.args
+    plan = make_plan("momentkv", budget=48, options={**W, "count_moments_in_budget": "1"})
+    e = Engine(model, plan)
+    slots = math.ceil(moment_floats(a.head_dim) * 4 / (2 * a.head_dim * 4 + 8))
+    assert plan.reserved == slots
+    e.generate(prompts_of([90]), 20)
+    assert all(((c.pos >= 0).sum(-1) <= 48 - slots).all() for c in e.caches)
+    policy_bytes = sum(b.numel() * b.element_size() for p in plan.policies() for b in p.buffers())
+    assert e.state_bytes() - policy_bytes == a.num_layers * a.num_kv_heads * moment_floats(a.head_dim) * 4
+    with pytest.raises(TinyEngineError, match="moments take"):
+        Engine(model, make_plan("momentkv", budget=24, options={**W, "count_moments_in_budget": "1"}))  # 15 < window + 1
+
+
+def test_compiled_momentkv_equals_eager_without_recompiles():
+    """MI + NC + momentum in the compiled decode step: equal to eager, and 100 decode steps with
+    other prompts, lengths and evictions reuse the one graph."""
+    import torch._dynamo
+
+    _, model = tiny_pair(seed=3)
+    compiled = Engine(model, make_plan("momentkv", budget=40, options=W), compile=True)
+    eager = Engine(model, make_plan("momentkv", budget=40, options=W))
+    for e in (compiled, eager):
+        e.setup(2, 200)
+    torch._dynamo.reset()
+    warm = prompts_of([50, 20])
+    assert compiled.generate(warm, 4) == eager.generate(warm, 4)
+    batch = prompts_of([60, 33], seed=4)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = compiled.generate(batch, 101)
+    assert got == eager.generate(batch, 101)
+    torch.testing.assert_close(compiled.plan.correction.C, eager.plan.correction.C, atol=1e-4, rtol=1e-3)
+
+
+def test_compiled_snapkv_momentum_nc_equals_eager_without_recompiles():
+    import torch._dynamo
+
+    _, model = tiny_pair(seed=3)
+    plan = dict(budget=40, decode_budget=16, correction="nc")
+    compiled = Engine(model, make_plan("snapkv+momentum", **plan), compile=True)
+    eager = Engine(model, make_plan("snapkv+momentum", **plan))
+    for e in (compiled, eager):
+        e.setup(2, 200)
+    torch._dynamo.reset()
+    warm = prompts_of([50, 20])
+    assert compiled.generate(warm, 4) == eager.generate(warm, 4)
+    batch = prompts_of([60, 33], seed=4)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = compiled.generate(batch, 101)
+    assert got == eager.generate(batch, 101)
+
+
+def test_end_to_end_within_budget(model):
+    prompts = prompts_of([90, 41])
+    for spec, kw, held in [("momentkv", dict(budget=40, options=W), 40), ("snapkv+momentum", dict(budget=40, decode_budget=12), 52)]:
+        e = Engine(model, make_plan(spec, **kw), prefill_chunk=32)
+        out = e.generate(prompts, 30)
+        assert [len(o) for o in out] == [30, 30]
+        for c in e.caches:
+            assert ((c.pos >= 0).sum(-1) <= held).all()
