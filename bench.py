@@ -1,0 +1,669 @@
+"""Benchmarks: quality of the KV policies (with kvpress side by side), speed and memory (with transformers).
+
+    python bench.py quality [--quick]      fidelity + MomentKV ablation, RULER-style retrieval, long generation
+    python bench.py speed                  prefill/decode tok/s vs transformers, bandwidth limit, compile, flat-cost curve
+    python bench.py memory                 peak RSS and KV bytes vs context; chunked vs full prefill (a subprocess each)
+    python bench.py attention              SDPA vs flex vs reference on this device (the engine's backend choice)
+    python bench.py report                 BENCHMARKS.md and the plots, from every bench_results/*.json
+    python bench.py all                    all of the above, then report
+
+Each run writes one JSON file (command line, machine, date, versions, rows) into --out; `report`
+regenerates BENCHMARKS.md from them, so no figure is ever typed by hand. Sizes: --smoke (seconds,
+for the tests), --quick (minutes), default (the published tables), --large (more samples).
+All tasks are generated offline and seeded (tinyengine/benchdata.py); the runners that keep the
+quality suites fast and exact are in tinyengine/benchkit.py.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+# Sizes per suite. default: under 45 minutes for `quality` on 2 CPU cores (see BENCHMARKS.md for the measured time).
+SIZES = {
+    "smoke": dict(fid_n=1, fid_ctx=160, fid_cont=8, ratios=[0.5], ruler_lengths=[512], ruler_tasks=["niah_single"],
+                  ruler_n=1, lg_questions=2, lg_tokens=16, decode_budgets=[8, 12], group_tokens=4096,
+                  contexts=[256], speed_prompts=[64], speed_batches=[1], speed_new=4, budget=64),
+    "quick": dict(fid_n=2, fid_ctx=512, fid_cont=32, ratios=[0.5, 0.75], ruler_lengths=[1024],
+                  ruler_tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt"], ruler_n=1, lg_questions=6,
+                  lg_tokens=256, decode_budgets=[64, 128], group_tokens=8192,
+                  contexts=[512, 1024], speed_prompts=[128, 1024], speed_batches=[1, 8], speed_new=16, budget=256),
+    "default": dict(fid_n=4, fid_ctx=1024, fid_cont=128, ratios=[0.5, 0.75, 0.875], ruler_lengths=[1024, 2048, 4096],
+                    ruler_tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt"], ruler_n=2, lg_questions=64,
+                    lg_tokens=2048, decode_budgets=[128, 256, 512], group_tokens=8192,
+                    contexts=[1024, 2048, 4096, 8000], speed_prompts=[128, 1024, 4096], speed_batches=[1, 8],
+                    speed_new=32, budget=1024),
+    "large": dict(fid_n=8, fid_ctx=2048, fid_cont=256, ratios=[0.5, 0.75, 0.875], ruler_lengths=[1024, 2048, 4096],
+                  ruler_tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt"], ruler_n=8, lg_questions=96,
+                  lg_tokens=3072, decode_budgets=[128, 256, 512], group_tokens=8192,
+                  contexts=[1024, 2048, 4096, 8000], speed_prompts=[128, 1024, 4096], speed_batches=[1, 8],
+                  speed_new=64, budget=1024),
+}
+RULER_RATIOS_DEFAULT = [0.5, 0.75]  # RULER runs fewer ratios than fidelity (its decode is the costly part)
+DECODE_POLICIES = ["momentum", "scope", "h2o", "streamingllm", "tova"]  # long generation (issue 5 part C)
+RETRY_OPTIONS = {"scope": lambda db: {"recent": db // 2}}  # scope's recent window (256) must fit small decode budgets
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    from importlib.metadata import PackageNotFoundError, version
+
+    for mod in ("transformers", "kvpress"):
+        try:
+            info[mod] = version(mod)
+        except PackageNotFoundError:  # not installed: the suites that need it say so in their notes
+            info[mod] = None
+    return info
+
+
+def save(args, suite: str, rows: list, notes: list, config: dict, started: float) -> Path:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    data = {"suite": suite, "size": args.size, "command": "python bench.py " + " ".join(args.argv),
+            "date": now.isoformat(timespec="seconds"), "elapsed_s": round(time.time() - started, 1),
+            "checkpoint": args.checkpoint, "machine": machine(), "config": config,
+            "notes": list(dict.fromkeys(notes)), "rows": rows}
+    path = out / f"{suite}-{args.size}-{now.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(data, indent=1, default=float))
+    print(f"[{suite}] {len(rows)} rows -> {path}", file=sys.stderr)
+    return path
+
+
+class Progress:
+    """One tqdm bar per suite, advanced by estimated cost so that its ETA means something."""
+
+    def __init__(self, desc: str, total: float, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=round(total, 1), desc=desc, unit="u", disable=not enabled, dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+
+    def doing(self, what: str):
+        self.bar.set_postfix_str(what, refresh=True)
+
+    def done(self, cost: float):
+        self.bar.update(round(cost, 1))
+
+    def close(self):
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------- shared setup
+
+
+class Bench:
+    """The model (ours, and transformers' on demand), tokenizer and notes shared by the suites."""
+
+    def __init__(self, args):
+        import torch
+
+        import tinyengine
+        from tinyengine.benchkit import ReplayModel
+        from tinyengine.checkpoint import resolve_checkpoint
+
+        torch.manual_seed(args.seed)
+        self.args = args
+        self.folder = resolve_checkpoint(args.checkpoint, progress=not args.no_progress)
+        self.model, self.tokenizer = tinyengine.load(args.checkpoint, device=args.device, dtype="float32",
+                                                     progress=not args.no_progress)
+        self.replay = ReplayModel(self.model)
+        self.notes: list[str] = []
+        self._hf = None
+
+    @property
+    def hf(self):
+        if self._hf is None:
+            from tinyengine.benchkit import load_hf
+
+            self._hf = load_hf(self.folder).to(self.args.device)
+        return self._hf
+
+    def engine(self, plan=None):
+        from tinyengine.engine import Engine
+
+        return Engine(self.replay, plan, compile=False)
+
+    def plan(self, spec: str, **kw):
+        """make_plan for `spec` ("name", "a+b", with an optional ":nc" correction), or None with a note."""
+        from policies import make_plan
+
+        name, _, correction = spec.partition(":")
+        try:
+            return make_plan(name, correction=correction or None, **kw)
+        except ValueError as e:
+            self.notes.append(f"{spec} skipped at {fmt_kw(kw)}: {e}")
+            return None
+
+    def kvpress_presses(self) -> list[str]:
+        from tinyengine.benchkit import KVPRESS_OTHERS, KVPRESS_SHARED
+
+        if not self.args.kvpress:
+            return []
+        try:
+            import kvpress  # noqa: F401
+        except ImportError:
+            self.notes.append("kvpress is not installed (pip install kvpress): its rows are missing")
+            return []
+        names = list(KVPRESS_SHARED) + list(KVPRESS_OTHERS)
+        if self.args.presses:
+            unknown = [p for p in self.args.presses if p not in names]
+            if unknown:
+                self.notes.append(f"unknown kvpress presses skipped: {', '.join(unknown)} (known: {', '.join(names)})")
+            names = [p for p in self.args.presses if p in names]
+        return names
+
+    def prefill_policies(self) -> list[str]:
+        """Policies that compress the prompt (the ratio suites); decode-only ones are noted."""
+        from policies import POLICIES
+
+        names = self.args.policies or [n for n in POLICIES if n != "full"]
+        keep = []
+        for spec in names:
+            base = spec.partition(":")[0]
+            parts = base.split("+")
+            if any(p not in POLICIES for p in parts):
+                self.notes.append(f"policy {spec} is not registered here (policies.POLICIES): skipped")
+            elif not POLICIES[parts[0]].has_prefill:
+                self.notes.append(f"{spec} only evicts generated tokens: it is in the long-generation suite, not here")
+            else:
+                keep.append(spec)
+        return keep
+
+
+def fmt_kw(kw: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in kw.items() if v is not None and k != "options") or "defaults"
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    if tokenizer.has_chat_template:
+        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]), add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+# ----------------------------------------------------------------------------- quality: fidelity + ablation
+
+
+def suite_fidelity(b: Bench, size: dict) -> list[dict]:
+    """Teacher-forced on prose: prefill the context (the policy compresses it), feed the reference
+    continuation through decode steps (the policy evicting as it goes), compare with `full`:
+    KL(full || policy) per position, top-1 agreement, NLL of the reference, and each layer's
+    attention-output relative error (the MomentKV ablation's measure)."""
+    import torch
+
+    from policies.base import CachePlan
+    from tinyengine.benchdata import fidelity_samples
+    from tinyengine.benchkit import compare, drive, plan_window
+
+    args = b.args
+    samples = fidelity_samples(b.tokenizer, size["fid_n"], size["fid_ctx"], size["fid_cont"], seed=args.seed)
+    ctx = [c for c, _ in samples]
+    cont = torch.tensor([x for _, x in samples])
+    ratios = args.ratios or size["ratios"]
+    configs = []  # (table, method, ratio, plan)
+    for spec in b.prefill_policies():
+        for r in ratios:
+            configs.append(("fidelity", spec, r, b.plan(spec, **budget_kw(args, r, size["fid_ctx"]))))
+    try:
+        from policies.momentkv import ABLATION
+    except ImportError:
+        ABLATION = {}
+        b.notes.append("policies.momentkv.ABLATION not found: the MomentKV ablation is missing")
+    if "ablation" in args.suites and ABLATION:
+        for variant, options in ABLATION.items():
+            for r in ratios:
+                configs.append(("ablation", variant, r, b.plan("momentkv", options=options, **budget_kw(args, r, size["fid_ctx"]))))
+    configs = [c for c in configs if c[3] is not None]
+    presses = b.kvpress_presses()
+    L = size["fid_cont"]
+    bar = Progress("fidelity", (1 + len(configs)) * L + len(presses) * len(ratios) * len(samples) * 2 + len(samples) * 10,
+                   not args.no_progress)
+
+    # Per-layer attention outputs at decode steps, via forward hooks on the attention modules.
+    outputs: list[list[torch.Tensor]] = []
+    layers = b.model.model.layers
+    hooks = [layer.self_attn.register_forward_hook(lambda m, a, o, i=i: outputs[-1].append(o[:, -1].clone()) if o.shape[1] == 1 else None)
+             for i, layer in enumerate(layers)]
+
+    def run(plan, tape=None, record=0):
+        logits_seq, attn_seq = [], []
+
+        def on_logits(t, logits):
+            logits_seq.append(logits)
+            if t > 0:
+                attn_seq.append(torch.stack(outputs[-1]))  # [layers, B, hidden] of the step that made `logits`
+            outputs.append([])
+
+        outputs.clear()
+        outputs.append([])
+        _, rec = drive(b.engine(plan), ctx, [c.tolist() for c in cont], 0, tape=tape, replay=b.replay,
+                       record_window=record, on_logits=on_logits)
+        return logits_seq, attn_seq, rec
+
+    rows = []
+    try:
+        bar.doing("full (recording the prefill)")
+        full_logits, full_attn, tape = run(CachePlan(), record=plan_window([c[3] for c in configs]))
+        bar.done(L)
+        rows.append(fid_row(b, "fidelity", "full", "tinyengine", None, full_logits, full_logits, full_attn, full_attn, cont, 1.0))
+        for table, method, r, plan in configs:
+            bar.doing(f"{method} ratio={r}")
+            logits, attn, _ = run(plan, tape=tape)
+            kept = kept_fraction(plan, [len(c) for c in ctx])
+            rows.append(fid_row(b, table, method, "tinyengine", r, full_logits, logits, full_attn, attn, cont, kept))
+            bar.done(L)
+    finally:
+        for h in hooks:
+            h.remove()
+    if presses:
+        rows += fidelity_kvpress(b, presses, ratios, ctx, cont, full_logits, bar)
+    bar.close()
+    return rows
+
+
+def budget_kw(args, ratio: float, context: int) -> dict:
+    """--budgets pins absolute budgets (the ratio then only names the row); default: kvpress's ratio."""
+    if args.budgets:
+        return {"budget": max(1, int(round(context * (1 - ratio))))}
+    return {"ratio": ratio}
+
+
+def kept_fraction(plan, lengths) -> float:
+    return sum(plan.prefill_keep(n) / n for n in lengths) / len(lengths)
+
+
+def fid_row(b, table, method, source, ratio, ref_logits, logits, ref_attn, attn, cont, kept) -> dict:
+    import torch
+
+    from tinyengine.benchkit import compare
+
+    kl, top1, nll = [], [], []
+    for t, (r, x) in enumerate(zip(ref_logits, logits)):
+        a, c, d = compare(r, x, cont[:, t])
+        kl.append(a)
+        top1.append(c)
+        nll.append(d)
+    kl, top1, nll = torch.stack(kl, 1), torch.stack(top1, 1), torch.stack(nll, 1)  # [B, L]
+    row = {"table": table, "method": method, "source": source, "ratio": ratio, "kept": round(kept, 4),
+           "kl": kl.mean().item(), "top1": top1.mean().item(), "nll": nll.mean().item(),
+           "kl_by_pos": [round(x, 5) for x in kl.mean(0).tolist()]}
+    if attn and ref_attn:
+        a, r = torch.stack(attn), torch.stack(ref_attn)  # [steps, layers, B, hidden]
+        err = (a - r).norm(dim=-1) / r.norm(dim=-1).clamp(min=1e-12)
+        row["rel_err_by_layer"] = [round(x, 5) for x in err.mean(dim=(0, 2)).tolist()]
+        row["rel_err"] = err.mean().item()
+    return row
+
+
+def fidelity_kvpress(b, presses, ratios, ctx, cont, our_full, bar) -> list[dict]:
+    """The same samples through kvpress's presses on transformers (same weights, float32)."""
+    import torch
+
+    from tinyengine.benchkit import PressBank, hf_continue, make_press
+
+    bank_presses = {(p, r): make_press(p, r) for p in presses for r in ratios}
+    results = {key: [] for key in bank_presses}
+    hf_full = []
+    for i, c in enumerate(ctx):
+        bar.doing(f"kvpress prefill, sample {i + 1}/{len(ctx)}")
+        first, compressed, full = PressBank(b.hf, {f"{p}@{r}": press for (p, r), press in bank_presses.items()}).prefill(torch.tensor([c]))
+        bar.done(10)
+        forced = cont[i].tolist()[:-1]
+        seq = []
+        hf_continue(b.hf, full, len(c), forced, 0, first_logits=first, on_logits=lambda t, x: seq.append(x))
+        hf_full.append(seq)
+        for (p, r) in bank_presses:
+            bar.doing(f"kvpress {p} ratio={r}")
+            seq = []
+            hf_continue(b.hf, compressed[f"{p}@{r}"], len(c), forced, 0, first_logits=first, on_logits=lambda t, x: seq.append(x))
+            results[(p, r)].append((seq, sum(k.shape[2] for k, _ in compressed[f"{p}@{r}"]) / (len(compressed[f"{p}@{r}"]) * len(c))))
+            bar.done(2)
+    stack = lambda seqs: [torch.cat([s[t] for s in seqs]) for t in range(len(seqs[0]))]  # noqa: E731
+    ref = stack(hf_full)
+    rows = [fid_row(b, "fidelity", "full", "kvpress", None, ref, ref, None, None, cont, 1.0)]
+    # transformers' full against ours: the two implementations agree (a check, not a policy).
+    rows.append(fid_row(b, "check", "transformers full vs tinyengine full", "kvpress", None, our_full, ref, None, None, cont, 1.0))
+    for (p, r), got in results.items():
+        kept = sum(k for _, k in got) / len(got)
+        rows.append(fid_row(b, "fidelity", p, "kvpress", r, ref, stack([s for s, _ in got]), None, None, cont, kept))
+    return rows
+
+
+# ----------------------------------------------------------------------------- quality: RULER
+
+
+def suite_ruler(b: Bench, size: dict) -> list[dict]:
+    """RULER-style retrieval: compress the context, then feed the question through decode steps
+    (it is not seen by prefill-time scoring, kvpress's query-agnostic setting) and generate
+    greedily; RULER's string_match_all score. --question-aware puts the question in the context."""
+    from policies.base import CachePlan
+    from tinyengine.benchdata import chat_segments, ruler_samples, ruler_score
+    from tinyengine.benchkit import drive, plan_window
+
+    args = b.args
+    lengths = args.lengths or size["ruler_lengths"]
+    samples = ruler_samples(args.tasks or size["ruler_tasks"], lengths, args.samples or size["ruler_n"], b.tokenizer, seed=args.seed)
+    segs = [chat_segments(b.tokenizer, s, args.question_aware) for s in samples]
+    ratios = args.ratios or ([r for r in size["ratios"] if r in RULER_RATIOS_DEFAULT] or size["ratios"])
+    plans = [(spec, r, b.plan(spec, **budget_kw(args, r, len(c)))) for spec in b.prefill_policies() for r in ratios for c in segs[:1]]
+    plans = [p for p in plans if p[2] is not None]
+    # Groups of rows of one length, at most group_tokens prompt tokens each (the recorded prefill lives in memory).
+    groups = []
+    for L in lengths:
+        idx = [i for i, s in enumerate(samples) if s.length == L]
+        per = max(1, size["group_tokens"] // L)
+        groups += [idx[j: j + per] for j in range(0, len(idx), per)]
+    presses = b.kvpress_presses()
+    steps = lambda g: max(len(segs[i][1]) + samples[i].max_new_tokens for i in g)  # noqa: E731
+    cost = sum(sum(len(segs[i][0]) for i in g) / 200 + (1 + len(plans)) * steps(g) for g in groups)
+    cost += sum(len(segs[i][0]) / 200 + len(presses) * len(ratios) * samples[i].max_new_tokens / 4 for i in range(len(samples)))
+    bar = Progress("ruler", cost, not args.no_progress)
+    scores = {}  # (method, source, ratio) -> {sample index: score}
+    window = plan_window([p for _, _, p in plans])
+    stop = b.tokenizer.stop_token_ids
+    for g in groups:
+        prompts = [segs[i][0] for i in g]
+        forced = [segs[i][1] for i in g]
+        new = [samples[i].max_new_tokens for i in g]
+        bar.doing(f"full, {samples[g[0]].length} tokens x{len(g)} (recording)")
+        out, tape = drive(b.engine(CachePlan()), prompts, forced, new, replay=b.replay, record_window=window, stop_ids=stop)
+        score_rows(scores, ("full", "tinyengine", None), g, out, samples, b.tokenizer)
+        bar.done(sum(len(p) for p in prompts) / 200 + steps(g))
+        for spec, r, _ in plans:
+            plan = b.plan(spec, **budget_kw(args, r, len(prompts[0])))
+            bar.doing(f"{spec} ratio={r}, {samples[g[0]].length} tokens x{len(g)}")
+            out, _ = drive(b.engine(plan), prompts, forced, new, tape=tape, replay=b.replay, stop_ids=stop)
+            score_rows(scores, (spec, "tinyengine", r), g, out, samples, b.tokenizer)
+            bar.done(steps(g))
+        del tape
+    if presses:
+        ruler_kvpress(b, presses, ratios, samples, segs, scores, bar)
+        if "pyramidkv" in presses:
+            b.notes.append("kvpress pyramidkv: its per-layer cache lengths make transformers' multi-token question forward fail "
+                           "(kvpress 0.5.5's pipeline raises); the question is fed one token at a time instead (same computation)")
+    bar.close()
+    rows = []
+    for (method, source, r), got in scores.items():
+        row = {"method": method, "source": source, "ratio": r, "score": mean_of(got.values()),
+               "by_length": {str(L): mean_of(v for i, v in got.items() if samples[i].length == L) for L in lengths},
+               "by_task": {t: mean_of(v for i, v in got.items() if samples[i].task == t) for t in dict.fromkeys(s.task for s in samples)},
+               "n": len(got)}
+        rows.append(row)
+    return rows
+
+
+def mean_of(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def score_rows(scores, key, g, out, samples, tokenizer):
+    from tinyengine.benchdata import ruler_score
+
+    got = scores.setdefault(key, {})
+    for i, toks in zip(g, out):
+        got[i] = ruler_score(tokenizer.decode(toks), samples[i].references)
+
+
+def ruler_kvpress(b, presses, ratios, samples, segs, scores, bar):
+    import torch
+
+    from tinyengine.benchkit import PressBank, hf_continue, make_press
+
+    stop = b.tokenizer.stop_token_ids
+    for i, s in enumerate(samples):
+        ctx, q = segs[i]
+        bank = {f"{p}@{r}": make_press(p, r) for p in presses for r in ratios}
+        bar.doing(f"kvpress prefill, {s.task} {s.length} tokens")
+        first, compressed, full = PressBank(b.hf, bank).prefill(torch.tensor([ctx]))
+        bar.done(len(ctx) / 200)
+        out = hf_continue(b.hf, full, len(ctx), q, s.max_new_tokens, stop_ids=stop, first_logits=first)
+        score_rows(scores, ("full", "kvpress", None), [i], [out], samples, b.tokenizer)
+        for p in presses:
+            for r in ratios:
+                bar.doing(f"kvpress {p} ratio={r}, {s.task} {s.length} tokens")
+                out = hf_continue(b.hf, compressed[f"{p}@{r}"], len(ctx), q, s.max_new_tokens, stop_ids=stop, first_logits=first)
+                score_rows(scores, (p, "kvpress", r), [i], [out], samples, b.tokenizer)
+                bar.done(s.max_new_tokens / 4)
+
+
+# ----------------------------------------------------------------------------- quality: long generation
+
+
+def suite_longgen(b: Bench, size: dict) -> list[dict]:
+    """LongGenBench-style: one prompt, many numbered sub-questions, one long greedy output (stop
+    tokens banned so every run writes the same length). Per decode-time policy and decode
+    budget: the sub-question score of its own output, and KL/top-1 to `full` along full's
+    trajectory (teacher-forced). Decode-only and separate-pool policies run with the prompt
+    kept and the budget on the generated tokens; unified ones (h2o, streamingllm, tova) at the
+    same total capacity, prompt + decode budget (parity as in the Moment-KV paper)."""
+    import torch
+
+    from policies import POLICIES
+    from policies.base import CachePlan
+    from tinyengine.benchdata import longgen_sample, longgen_score
+    from tinyengine.benchkit import compare, drive
+
+    args = b.args
+    sample = longgen_sample(args.questions or size["lg_questions"], seed=args.seed)
+    prompt = chat_ids(b.tokenizer, sample.prompt)
+    n = args.gen_tokens or size["lg_tokens"]
+    budgets = args.decode_budgets or size["decode_budgets"]
+    names = [p for p in (args.decode_policies or DECODE_POLICIES) if p in POLICIES]
+    missing = [p for p in (args.decode_policies or DECODE_POLICIES) if p not in POLICIES]
+    if missing:
+        b.notes.append(f"decode-time policies not registered here, skipped: {', '.join(missing)}")
+    ban = b.tokenizer.stop_token_ids
+    bar = Progress("longgen", n * (1 + len(names)), not args.no_progress)
+    bar.doing("full")
+    full_logits = []
+    (full_out,), _ = drive(b.engine(CachePlan()), [prompt], None, n, ban_ids=ban,
+                           on_logits=lambda t, x: full_logits.append(x[0].clone()))
+    bar.done(n)
+    full_logits = torch.stack(full_logits)  # [n, V]
+    text = b.tokenizer.decode(full_out)
+    rows = [{"method": "full", "decode_budget": None, "parity": None, "score": mean_of(longgen_score(text, sample.references)),
+             "per_question": longgen_score(text, sample.references), "kl": 0.0, "top1": 1.0, "prompt_tokens": len(prompt),
+             "generated": len(full_out), "sample_output": text[:600]}]
+    for name in names:
+        plans, parity = [], None
+        for db in budgets:
+            plan, parity = decode_plan(b, name, len(prompt), db)
+            plans.append(plan)
+        if any(p is None for p in plans):
+            bar.done(n)
+            continue
+        # Rows: each budget generating freely, then each budget teacher-forced along full's output.
+        groups = same_options(name, budgets)
+        for group in groups:
+            gplans = [plans[budgets.index(db)] for db in group]
+            row_plans = gplans + gplans
+            bar.doing(f"{name} decode budgets {','.join(map(str, group))}")
+            kl, top1 = [[] for _ in group], [[] for _ in group]
+
+            def on_logits(t, logits, k=len(group)):
+                a, c, _ = compare(full_logits[t].expand(k, -1), logits[k:])
+                for j in range(k):
+                    kl[j].append(a[j].item())
+                    top1[j].append(c[j].item())
+
+            engine = b.engine(max(gplans, key=lambda p: p.pool_budget(len(prompt))))
+            out, _ = drive(engine, [prompt] * (2 * len(group)), [[]] * len(group) + [full_out] * len(group),
+                           [n] * len(group) + [0] * len(group), ban_ids=ban, on_logits=on_logits, row_plans=row_plans)
+            for j, db in enumerate(group):
+                t = b.tokenizer.decode(out[j])
+                per_q = longgen_score(t, sample.references)
+                rows.append({"method": name, "decode_budget": db, "parity": parity, "score": mean_of(per_q), "per_question": per_q,
+                             "kl": mean_of(kl[j]), "top1": mean_of(top1[j]), "kl_by_pos": bucket(kl[j], 16),
+                             "sample_output": t[:600]})
+            bar.done(n * len(group) / len(budgets))
+    bar.close()
+    return rows
+
+
+def decode_plan(b: Bench, name: str, prompt_len: int, db: int):
+    """The plan that holds `db` generated tokens: a decode pool for decode-only / separate-pool
+    policies, total capacity prompt + db for unified ones."""
+    from policies import POLICIES, make_plan
+
+    cls = POLICIES[name]
+    unified = cls.has_prefill and cls.has_decode and not getattr(cls, "separate_pools", False)
+    kw = {"budget": prompt_len + db} if unified else {"decode_budget": db}
+    try:
+        return make_plan(name, **kw), "total capacity" if unified else "decode pool"
+    except ValueError as e:
+        if name in RETRY_OPTIONS:
+            try:
+                return make_plan(name, options=RETRY_OPTIONS[name](db), **kw), "decode pool"
+            except ValueError:
+                pass
+        b.notes.append(f"{name} skipped at decode budget {db}: {e}")
+        return None, None
+
+
+def same_options(name: str, budgets: list[int]) -> list[list[int]]:
+    """Budgets that can share one batch: those whose plans take the same options."""
+    if name not in RETRY_OPTIONS:
+        return [budgets]
+    return [[db] for db in budgets]
+
+
+def bucket(xs: list[float], k: int) -> list[float]:
+    """Means of `xs` over k equal spans (for the KL-along-generation plot)."""
+    if not xs:
+        return []
+    k = min(k, len(xs))
+    edges = [round(i * len(xs) / k) for i in range(k + 1)]
+    return [round(mean_of(xs[edges[i]:edges[i + 1]]), 5) for i in range(k)]
+
+
+def quality(args) -> list[Path]:
+    size = SIZES[args.size]
+    b = Bench(args)
+    paths = []
+    suites = [("fidelity", suite_fidelity), ("ruler", suite_ruler), ("longgen", suite_longgen)]
+    for name, fn in suites:
+        if name not in args.suites and not (name == "fidelity" and "ablation" in args.suites):
+            continue
+        started = time.time()
+        b.notes = []
+        rows = fn(b, size)
+        config = {k: v for k, v in size.items()}
+        config.update({k: getattr(args, k) for k in ("ratios", "budgets", "policies", "question_aware", "seed", "kvpress")})
+        paths.append(save(args, name, rows, b.notes, config, started))
+    return paths
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["quality", "speed", "memory", "attention", "report", "all", "_probe"])
+    p.add_argument("--checkpoint", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_const", dest="size", const="smoke", help="seconds (tests)")
+    size.add_argument("--quick", action="store_const", dest="size", const="quick", help="minutes")
+    size.add_argument("--large", action="store_const", dest="size", const="large", help="more samples than the default")
+    p.add_argument("--suites", type=_list(str), default=["fidelity", "ablation", "ruler", "longgen"],
+                   help="quality suites: fidelity, ablation, ruler, longgen")
+    p.add_argument("--policies", type=_list(str), help="policy specs (name, a+b, name:nc); default: every registered one")
+    p.add_argument("--decode-policies", type=_list(str), help=f"long generation; default {','.join(DECODE_POLICIES)}")
+    p.add_argument("--ratios", type=_list(float), help="compression ratios (fraction of the prompt evicted)")
+    p.add_argument("--budgets", action="store_true", help="pin absolute budgets (context x (1 - ratio)) instead of ratios")
+    p.add_argument("--decode-budgets", type=_list(int))
+    p.add_argument("--lengths", type=_list(int), help="RULER prompt lengths in tokens")
+    p.add_argument("--tasks", type=_list(str), help="RULER tasks: niah_single, niah_multikey, niah_multivalue, vt")
+    p.add_argument("--samples", type=int, help="RULER samples per task and length")
+    p.add_argument("--questions", type=int, help="long generation: sub-questions")
+    p.add_argument("--gen-tokens", type=int, help="long generation: tokens generated")
+    p.add_argument("--question-aware", action="store_true", help="RULER: the question is part of the compressed context")
+    p.add_argument("--kvpress", action=argparse.BooleanOptionalAction, default=True, help="run kvpress side by side")
+    p.add_argument("--presses", type=_list(str), help="kvpress presses (default: the shared ones and its strongest others)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="speed: include compiled decode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--out", default=str(ROOT / "bench_results"))
+    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--probe", help=argparse.SUPPRESS)  # _probe: JSON spec of one memory measurement
+    args = p.parse_args(argv)
+    args.size = args.size or "default"
+    args.argv = argv
+    return args
+
+
+def _list(kind):
+    def parse(text):
+        return [kind(x) for x in text.split(",") if x.strip()]
+    return parse
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.command == "_probe":
+        from tinyengine.benchspeed import probe
+
+        print(json.dumps(probe(json.loads(args.probe))))
+        return 0
+    if args.command in ("quality", "all"):
+        quality(args)
+    if args.command in ("speed", "all"):
+        from tinyengine.benchspeed import speed
+
+        speed(args, SIZES[args.size], save)
+    if args.command in ("memory", "all"):
+        from tinyengine.benchspeed import memory
+
+        memory(args, SIZES[args.size], save)
+    if args.command in ("attention", "all"):
+        from tinyengine.benchspeed import attention_suite
+
+        attention_suite(args, SIZES[args.size], save)
+    if args.command in ("report", "all"):
+        from tinyengine.benchreport import report
+
+        report(Path(args.out), Path(args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,264 @@
+"""bench.py: its shortcuts are exact, its tasks are well formed, and `quality --smoke` + `report` write
+the expected rows with finite numbers.
+
+The shortcuts (tinyengine/benchkit.py) are what make the quality suites fast enough to run:
+a recorded `full` prefill replayed into each policy's prefill, one transformers prefill for every
+kvpress press, and one batch holding a policy at several decode budgets. Each is compared here
+with the plain path it replaces.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import write_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import tinyengine
+
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=3)
+    model, tok = tinyengine.load(str(folder), progress=False)
+    return folder, model, tok
+
+
+def prompts(n_rows=2, length=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (length - 7 * i,), generator=g).tolist() for i in range(n_rows)]
+
+
+# ----------------------------------------------------------------------------- exactness of the shortcuts
+
+
+def test_replayed_prefill_equals_real_prefill_for_every_policy(tiny):
+    from policies import POLICIES, make_plan
+    from tinyengine.benchkit import ReplayModel, pad, verify_replay
+    from tinyengine.engine import Engine
+
+    _, model, _ = tiny
+    replay = ReplayModel(model)
+    tokens, lengths = pad(prompts(), "cpu")
+    checked = []
+    for name, cls in POLICIES.items():
+        if name == "full" or not cls.has_prefill:
+            continue
+        for kw in ({"ratio": 0.5}, {"ratio": 0.75}):
+            try:
+                make_plan(name, **kw)
+            except ValueError:
+                continue
+            assert verify_replay(lambda: Engine(replay, make_plan(name, **kw)), replay, tokens, lengths) is None, (name, kw)
+            checked.append(name)
+    assert len(set(checked)) >= 1
+
+
+def test_replay_detects_a_difference(tiny):
+    """verify_replay is not vacuous: a tape of other keys gives other caches."""
+    from policies import make_plan
+    from policies.base import CachePlan
+    from tinyengine.benchkit import ReplayModel, drive, pad
+    from tinyengine.engine import Engine
+
+    _, model, _ = tiny
+    replay = ReplayModel(model)
+    rows = prompts(1, 64)
+    _, tape = drive(Engine(replay, CachePlan()), rows, None, 1, replay=replay, record_window=64)
+    tape.k[0] = tape.k[0] + 1.0  # corrupt layer 0's keys
+    a, b = Engine(replay, make_plan("knorm", ratio=0.5)), Engine(replay, make_plan("knorm", ratio=0.5))
+    drive(a, rows, None, 1)
+    drive(b, rows, None, 1, tape=tape, replay=replay)
+    assert not torch.equal(a.caches[0].k, b.caches[0].k)
+
+
+def test_teacher_forcing_through_decode_equals_one_prefill(tiny):
+    """Feeding forced tokens through decode steps gives the logits of prefilling them."""
+    from policies.base import CachePlan
+    from tinyengine.benchkit import drive
+    from tinyengine.engine import Engine
+
+    _, model, _ = tiny
+    (ctx,) = prompts(1, 40)
+    cont = prompts(1, 12, seed=1)[0]
+    seen = []
+    drive(Engine(model, CachePlan()), [ctx], [cont], 0, on_logits=lambda t, x: seen.append(x[0].clone()))
+    for t in range(len(cont)):
+        out, _ = drive(Engine(model, CachePlan()), [ctx + cont[:t]], None, 1, on_logits=lambda s, x: seen.append(x[0].clone()))
+        assert torch.allclose(seen[t], seen[-1], atol=1e-4), t
+
+
+def test_rows_at_different_decode_budgets_equal_separate_runs(tiny):
+    from policies import make_plan
+    from tinyengine.benchkit import drive
+    from tinyengine.engine import Engine
+
+    _, model, _ = tiny
+    (prompt,) = prompts(1, 48)
+    for name, kw in (("momentum", lambda db: {"decode_budget": db}), ("h2o", lambda db: {"budget": 48 + db})):
+        budgets = [4, 9, 16]
+        plans = [make_plan(name, **kw(db)) for db in budgets]
+        seen = []
+        together, _ = drive(Engine(model, plans[-1]), [prompt] * 3, None, 40, row_plans=plans,
+                            on_logits=lambda t, x: seen.append(x.clone()))
+        for j, db in enumerate(budgets):
+            alone_seen = []
+            alone, _ = drive(Engine(model, make_plan(name, **kw(db))), [prompt], None, 40,
+                             on_logits=lambda t, x: alone_seen.append(x.clone()))
+            assert together[j] == alone[0], (name, db)
+            assert all(torch.allclose(a[0], b[j], atol=1e-5) for a, b in zip(alone_seen, seen)), (name, db)
+        assert not torch.allclose(seen[-1][0], seen[-1][2], atol=1e-3), name  # the budgets matter at these sizes
+
+
+def test_press_bank_equals_kvpress_context_manager(tiny):
+    """One prefill for many presses gives each press's own compressed cache."""
+    pytest.importorskip("kvpress")
+    from transformers import DynamicCache
+
+    from tinyengine.benchkit import KVPRESS_OTHERS, KVPRESS_SHARED, PressBank, load_hf, make_press
+
+    folder, _, _ = tiny
+    hf = load_hf(folder)
+    ids = torch.tensor([prompts(1, 120)[0]])
+    names = list(KVPRESS_SHARED) + list(KVPRESS_OTHERS)
+    bank = {f"{n}@{r}": make_press(n, r) for n in names for r in (0.25, 0.5)}
+    _, got, full = PressBank(hf, bank).prefill(ids)
+    assert full[0][0].shape[2] == 120
+    for key, press in bank.items():
+        cache = DynamicCache(config=hf.config)
+        eager = type(press).__name__ == "ObservedAttentionPress"
+        if eager:
+            hf.set_attn_implementation("eager")
+        with torch.inference_mode(), make_press(*_split(key))(hf):
+            hf.model(input_ids=ids, past_key_values=cache)
+        if eager:
+            hf.set_attn_implementation("sdpa")
+        for layer, (k, v) in zip(cache.layers, got[key]):
+            assert torch.allclose(layer.keys, k, atol=1e-5) and torch.allclose(layer.values, v, atol=1e-5), key
+        assert got[key][0][0].shape[2] < 120
+
+
+def _split(key):
+    name, r = key.split("@")
+    return name, float(r)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def test_ruler_samples_are_well_formed():
+    from tinyengine.benchdata import RULER_TASKS, chat_segments, ruler_sample, ruler_score
+    from tinyengine.checkpoint import resolve_checkpoint
+    from tinyengine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(resolve_checkpoint("smollm2-135m", progress=False))
+    for task in RULER_TASKS:
+        s = ruler_sample(task, tok, 1024, seed=5)
+        assert s == ruler_sample(task, tok, 1024, seed=5)  # seeded
+        ctx, q = chat_segments(tok, s)
+        assert 1024 - 200 < len(ctx) + len(q) <= 1024
+        for ref in s.references:
+            assert ref in s.context and ref not in s.question + s.answer_prefix or task == "vt"
+        assert ruler_score(" ".join(s.references).upper(), s.references) == 1.0
+        aware, suffix = chat_segments(tok, s, question_aware=True)
+        assert s.question in tok.decode(aware) and s.question not in tok.decode(ctx)
+        assert tok.decode(suffix).endswith(s.answer_prefix)
+    s = ruler_sample("niah_multivalue", tok, 1024, seed=1)
+    assert ruler_score(s.references[0] + " and " + s.references[1], s.references) == 0.5
+
+
+def test_longgen_score_reads_each_section():
+    from tinyengine.benchdata import longgen_sample, longgen_score
+
+    s = longgen_sample(3, seed=2)
+    assert s == longgen_sample(3, seed=2) and "Question 3: describe record 3." in s.prompt
+    r = s.references
+    text = (f"Record 1: a {r[0]['color']} {r[0]['item']} owned by {r[0]['owner']} from {r[0]['city']}, with code {r[0]['code']}.\n"
+            f"Record 2: a {r[1]['item']} with code {r[1]['code']}.\nRecord 3: nothing here")
+    assert longgen_score(text, r) == [1.0, 0.4, 0.0]
+    assert longgen_score("", r) == [0.0, 0.0, 0.0]
+
+
+def test_fidelity_samples_are_prose_and_seeded():
+    from tinyengine.benchdata import fidelity_samples, prose_text
+    from tinyengine.checkpoint import resolve_checkpoint
+    from tinyengine.tokenizer import Tokenizer
+
+    text = prose_text()
+    assert len(text) > 100_000 and "    " not in text
+    tok = Tokenizer.from_folder(resolve_checkpoint("smollm2-135m", progress=False))
+    a = fidelity_samples(tok, 3, 256, 16, seed=1)
+    assert a == fidelity_samples(tok, 3, 256, 16, seed=1) and a != fidelity_samples(tok, 3, 256, 16, seed=2)
+    assert all(len(c) == 256 and len(x) == 16 for c, x in a)
+
+
+# ----------------------------------------------------------------------------- the CLI end to end
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_quality_smoke_and_report(tmp_path):
+    out, md = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    cmd = [sys.executable, str(ROOT / "bench.py"), "quality", "--smoke", "--threads", "1", "--no-progress", "--out", str(out),
+           "--policies", "snapkv,h2o,momentkv", "--presses", "snapkv,knorm", "--decode-policies", "momentum,h2o"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = {json.loads(p.read_text())["suite"]: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(results) == {"fidelity", "ruler", "longgen"}
+    for d in results.values():
+        assert d["command"].startswith("python bench.py quality --smoke") and d["machine"]["torch"] == torch.__version__
+        assert d["date"] and d["size"] == "smoke"
+
+    fid = results["fidelity"]["rows"]
+    got = {(r["table"], r["method"], r["source"], r["ratio"]) for r in fid}
+    for method in ("snapkv", "h2o", "momentkv"):
+        assert ("fidelity", method, "tinyengine", 0.5) in got
+    for press in ("snapkv", "knorm"):
+        assert ("fidelity", press, "kvpress", 0.5) in got
+    assert {r["method"] for r in fid if r["table"] == "ablation"} == {"evict-only", "NC", "MI", "MI+NC"}
+    for r in fid:
+        assert all(_finite(r[k]) for k in ("kl", "top1", "nll", "kept")), r
+        assert r["kl"] >= 0 and 0 <= r["top1"] <= 1
+    full = next(r for r in fid if r["method"] == "full" and r["source"] == "tinyengine")
+    assert full["kl"] == 0 and full["top1"] == 1
+    check = next(r for r in fid if r["table"] == "check")
+    assert check["kl"] < 1e-4  # transformers' full cache and ours agree
+    assert len(next(r for r in fid if r["method"] == "MI+NC")["rel_err_by_layer"]) == 30
+
+    ruler = results["ruler"]["rows"]
+    assert {(r["method"], r["source"]) for r in ruler} >= {("full", "tinyengine"), ("snapkv", "tinyengine"), ("full", "kvpress"), ("knorm", "kvpress")}
+    assert all(0 <= r["score"] <= 1 for r in ruler)
+
+    lg = results["longgen"]["rows"]
+    assert {(r["method"], r["decode_budget"]) for r in lg} == {("full", None), ("momentum", 8), ("momentum", 12), ("h2o", 8), ("h2o", 12)}
+    assert all(_finite(r["kl"]) and _finite(r["score"]) for r in lg)
+    assert next(r for r in lg if r["method"] == "h2o")["parity"] == "total capacity"
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "report", "--out", str(out), "--markdown", str(md)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = md.read_text()
+    for heading in ("### Fidelity", "### MomentKV ablation", "### RULER-style retrieval", "### Long generation"):
+        assert heading in text
+    assert "| snapkv (kvpress) |" in text and "| momentkv |" in text and "| MI+NC |" in text
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+    for png in ("fidelity_kl.png", "ruler.png", "longgen_kl.png", "ablation_layers.png"):
+        assert (tmp_path / "docs" / "bench" / png).stat().st_size > 1000

@@ -1,0 +1,441 @@
+"""BENCHMARKS.md and its plots, regenerated from the JSON results bench.py wrote (never typed by hand).
+
+For each suite the newest result of the largest size present is used (large > default > quick >
+smoke); each section names its command, machine, torch version and date. Plots go to docs/bench/.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+SIZE_RANK = {"large": 3, "default": 2, "quick": 1, "smoke": 0}
+SUITES = ("fidelity", "ruler", "longgen", "speed", "memory", "attention")
+
+
+def load_results(folder: Path) -> dict:
+    """suite -> the chosen result (dict), from every *.json in `folder`."""
+    best = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        suite = data.get("suite")
+        if suite not in SUITES:
+            continue
+        key = (SIZE_RANK.get(data.get("size"), -1), data.get("date", ""))
+        if suite not in best or key > best[suite][0]:
+            best[suite] = (key, data, path.name)
+    return {s: dict(d, _file=name) for s, (_, d, name) in best.items()}
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def f(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float):
+        if x != 0 and abs(x) < 10 ** -(digits - 1):
+            return f"{x:.1e}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def mib(x) -> str:
+    return "–" if x is None else f"{x / 2**20:.1f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def provenance(d: dict) -> str:
+    m = d.get("machine", {})
+    size = "" if d.get("size") == "default" else f" · size **{d.get('size')}** (not the default run)"
+    return (f"`{d.get('command')}` · {m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('threads', '?')} torch threads)"
+            + (f", {m['gpu']}" if m.get("gpu") else "") + f" · torch {m.get('torch')}, transformers {m.get('transformers')}, "
+            f"kvpress {m.get('kvpress')} · {d.get('date')} · {d.get('elapsed_s', 0) / 60:.1f} min · `{d.get('_file')}`{size}")
+
+
+def notes(d: dict) -> str:
+    n = d.get("notes") or []
+    return "" if not n else "\n\nNotes from the run:\n" + "\n".join(f"- {x}" for x in n)
+
+
+def bold_best(cells: list[str], values: list, higher: bool) -> list[str]:
+    ok = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if len(set(ok)) < 2:  # nothing to single out
+        return cells
+    best = max(ok) if higher else min(ok)
+    return [f"**{c}**" if v == best else c for c, v in zip(cells, values)]
+
+
+def label(row: dict) -> str:
+    return f"{row['method']} (kvpress)" if row.get("source") == "kvpress" else row["method"]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lines(path: Path, series: dict, xlabel: str, ylabel: str, title: str, logy=False, logx=False) -> str:
+    """series: label -> (xs, ys, dashed). Returns the markdown image line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for name, (xs, ys, dashed) in series.items():
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None and not (isinstance(y, float) and math.isnan(y))]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, ls="--" if dashed else "-", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if logy:
+        ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return f"![{title}]({path.as_posix()})"
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def section_fidelity(d: dict, img: Path, root: Path) -> str:
+    rows = [r for r in d["rows"] if r.get("table") == "fidelity"]
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
+    methods = list(dict.fromkeys(label(r) for r in rows if r["ratio"] is not None))
+    by = {(label(r), r["ratio"]): r for r in rows}
+    out = ["### Fidelity: teacher-forced on prose, against the full cache", "",
+           provenance(d), "",
+           f"Context {d['config'].get('fid_ctx')} tokens compressed at prefill, then {d['config'].get('fid_cont')} reference "
+           f"tokens fed through decode steps; {d['config'].get('fid_n')} passages of Python's documentation "
+           "(`pydoc_data.topics`). KL(full ‖ policy) of the next-token distribution averaged over positions "
+           "(lower is better), top-1 agreement with full, NLL of the reference text (full's is the floor). "
+           "kvpress rows: the same token ids through kvpress's presses on transformers (its pipeline's prefill "
+           "compression, then the continuation on its cache), KL against transformers' own full cache. "
+           "Best per column in bold.", ""]
+    for metric, name, higher, fmt in (("kl", "KL to full", False, f), ("top1", "top-1 agreement", True, pct), ("nll", "NLL", False, f)):
+        header = ["method"] + [f"ratio {r} (keep {1 - r:.1%})" for r in ratios]
+        cells = {m: [fmt(by[(m, r)][metric]) if (m, r) in by else "–" for r in ratios] for m in methods}
+        for j, r in enumerate(ratios):  # bold the best per column
+            vals = [by[(m, r)][metric] if (m, r) in by else None for m in methods]
+            col = bold_best([cells[m][j] for m in methods], vals, higher)
+            for m, c in zip(methods, col):
+                cells[m][j] = c
+        out += [f"**{name}**" + (f" (full: {fmt(by[('full', None)][metric])})" if ("full", None) in by else ""), "",
+                table(header, [[m] + cells[m] for m in methods]), ""]
+    check = [r for r in d["rows"] if r.get("table") == "check"]
+    if check:
+        out.append(f"Check: transformers' full cache against ours, KL {f(check[0]['kl'])}, top-1 {pct(check[0]['top1'])}.")
+        out.append("")
+    series = {}
+    for m in methods:
+        pts = sorted((by[(m, r)]["kept"], by[(m, r)]["kl"]) for r in ratios if (m, r) in by)
+        series[m] = ([p[0] for p in pts], [p[1] for p in pts], "(kvpress)" in m)
+    out.append(plot_lines(img / "fidelity_kl.png", series, "fraction of the prompt kept", "KL(full || policy)",
+                          "Fidelity: KL to full vs budget (kvpress dashed)", logy=True))
+    out.append(section_ablation(d, img))
+    return "\n".join(out) + notes(d)
+
+
+def section_ablation(d: dict, img: Path) -> str:
+    rows = [r for r in d["rows"] if r.get("table") == "ablation"]
+    if not rows:
+        return ""
+    ratios = sorted({r["ratio"] for r in rows})
+    variants = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["method"], r["ratio"]): r for r in rows}
+    out = ["", "### MomentKV ablation (issue 5, part C)", "",
+           "Same samples and protocol as the fidelity table; `momentkv` with moment-informed eviction (MI) and "
+           "normalization-corrected attention (NC) switched on and off, same base scorer (policies/momentkv.py, "
+           "`ABLATION`). Attention-output relative error: ‖o − o_full‖ / ‖o_full‖ of each layer's attention block at "
+           "every teacher-forced decode step (upstream errors included), averaged over steps, samples and layers; "
+           "next-token KL as above.", ""]
+    header = ["variant"] + [f"budget {1 - r:.1%}: rel. error" for r in ratios] + [f"budget {1 - r:.1%}: KL" for r in ratios]
+    body = []
+    for v in variants:
+        body.append([v] + [f(by[(v, r)].get("rel_err")) if (v, r) in by else "–" for r in ratios]
+                    + [f(by[(v, r)]["kl"]) if (v, r) in by else "–" for r in ratios])
+    for j in range(1, len(header)):
+        r = ratios[(j - 1) % len(ratios)]
+        key = "rel_err" if j <= len(ratios) else "kl"
+        vals = [by[(v, r)].get(key) if (v, r) in by else None for v in variants]
+        col = bold_best([row[j] for row in body], vals, False)
+        for row, c in zip(body, col):
+            row[j] = c
+    out += [table(header, body), ""]
+    r_mid = ratios[len(ratios) // 2]
+    series = {v: (list(range(len(by[(v, r_mid)]["rel_err_by_layer"]))), by[(v, r_mid)]["rel_err_by_layer"], False)
+              for v in variants if (v, r_mid) in by and by[(v, r_mid)].get("rel_err_by_layer")}
+    if series:
+        out.append(plot_lines(img / "ablation_layers.png", series, "layer", "attention-output relative error",
+                              f"MomentKV ablation: error per layer at budget {1 - r_mid:.1%}"))
+    return "\n".join(out)
+
+
+def section_ruler(d: dict, img: Path) -> str:
+    rows = d["rows"]
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
+    methods = list(dict.fromkeys(label(r) for r in rows))
+    by = {(label(r), r["ratio"]): r for r in rows}
+    lengths = sorted({int(L) for r in rows for L in r["by_length"]})
+    tasks = list(dict.fromkeys(t for r in rows for t in r["by_task"]))
+    setting = "question-aware (the question is compressed with the context)" if d["config"].get("question_aware") else \
+        "query-agnostic: the context is compressed before the question is seen (kvpress's setting)"
+    out = ["### RULER-style retrieval", "", provenance(d), "",
+           f"Tasks {', '.join(tasks)} at {', '.join(map(str, lengths))} tokens, {d['config'].get('ruler_n')} seeded samples "
+           f"per task and length; {setting}; then the question through decode steps and greedy answer. Score: RULER's "
+           "string_match_all (fraction of the references in the answer), in %. Best per column in bold (full excluded).", ""]
+    header = ["method", "full cache"] + [f"ratio {r}" for r in ratios] + [f"ratio {r} @ {L}" for r in ratios[:1] for L in lengths]
+    body, vals = [], []
+    for m in methods:
+        full = by.get((m, None))
+        cells = [m, pct(full["score"]) if full else ""]
+        v = [None, None]
+        for r in ratios:
+            x = by.get((m, r))
+            cells.append(pct(x["score"]) if x else "–")
+            v.append(x["score"] if x else None)
+        for r in ratios[:1]:
+            for L in lengths:
+                x = by.get((m, r))
+                s = x["by_length"].get(str(L)) if x else None
+                cells.append(pct(s) if x else "–")
+                v.append(s)
+        body.append(cells)
+        vals.append(v)
+    for j in range(2, len(header)):
+        col = bold_best([row[j] for row in body], [v[j] for v in vals], True)
+        for row, c in zip(body, col):
+            row[j] = c
+    out += [table(header, body), ""]
+    th = ["method"] + [f"{t} @ ratio {ratios[0]}" for t in tasks] if ratios else []
+    if ratios:
+        out += ["Per task (all lengths):", "",
+                table(th, [[m] + [pct(by[(m, ratios[0])]["by_task"].get(t)) if (m, ratios[0]) in by else "–" for t in tasks]
+                           for m in methods if (m, ratios[0]) in by]), ""]
+    series = {m: ([1 - r for r in ratios if (m, r) in by], [by[(m, r)]["score"] for r in ratios if (m, r) in by], "(kvpress)" in m)
+              for m in methods if any((m, r) in by for r in ratios)}
+    out.append(plot_lines(img / "ruler.png", series, "fraction of the prompt kept", "RULER score",
+                          "RULER-style retrieval vs budget (kvpress dashed)"))
+    return "\n".join(out) + notes(d)
+
+
+def section_longgen(d: dict, img: Path) -> str:
+    rows = d["rows"]
+    full = next((r for r in rows if r["method"] == "full"), None)
+    budgets = sorted({r["decode_budget"] for r in rows if r["decode_budget"] is not None})
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full"))
+    by = {(r["method"], r["decode_budget"]): r for r in rows}
+    c = d["config"]
+    out = ["### Long generation (LongGenBench-style)", "", provenance(d), "",
+           f"One prompt with {c.get('lg_questions')} numbered sub-questions about a catalogue, answered in one greedy output of "
+           f"{c.get('lg_tokens')} tokens (prompt {full['prompt_tokens'] if full else '?'} tokens; stop tokens banned so every "
+           "run writes the same length). Score: per sub-question, the answer's section names the record's item and code "
+           f"(full scores {pct(full['score']) if full else '–'}). KL(full ‖ policy) and top-1 agreement along full's own "
+           "output (teacher-forced). Decode-only and separate-pool policies keep the prompt and hold the decode budget of "
+           "generated tokens; unified ones (h2o, streamingllm, tova) hold prompt + decode budget in total (parity as in the "
+           "Moment-KV paper). Best per column in bold.", ""]
+    header = ["policy", "parity"] + [f"KL @ {db}" for db in budgets] + [f"top-1 @ {db}" for db in budgets] + [f"score @ {db}" for db in budgets]
+    body, vals = [], []
+    for m in methods:
+        parity = next((by[(m, db)]["parity"] for db in budgets if (m, db) in by), "")
+        cells, v = [m, parity or ""], [None, None]
+        for key, fmt in (("kl", f), ("top1", pct), ("score", pct)):
+            for db in budgets:
+                x = by.get((m, db))
+                cells.append(fmt(x[key]) if x else "–")
+                v.append(x[key] if x else None)
+        body.append(cells)
+        vals.append(v)
+    for j in range(2, len(header)):
+        higher = j >= 2 + len(budgets)
+        col = bold_best([row[j] for row in body], [v[j] for v in vals], higher)
+        for row, c2 in zip(body, col):
+            row[j] = c2
+    out += [table(header, body), ""]
+    series = {m: (budgets, [by[(m, db)]["kl"] if (m, db) in by else None for db in budgets], False) for m in methods}
+    out.append(plot_lines(img / "longgen_kl.png", series, "decode budget (generated tokens kept)", "KL(full || policy)",
+                          "Long generation: KL along full's trajectory vs decode budget", logy=True, logx=True))
+    db = budgets[0] if budgets else None
+    series = {}
+    for m in methods:
+        x = by.get((m, db))
+        if x and x.get("kl_by_pos"):
+            k = len(x["kl_by_pos"])
+            n = c.get("lg_tokens") or k
+            series[m] = ([(i + 0.5) * n / k for i in range(k)], x["kl_by_pos"], False)
+    if series:
+        out.append(plot_lines(img / "longgen_kl_position.png", series, "generated token", "KL(full || policy)",
+                              f"Long generation: KL along the output at decode budget {db}", logy=True))
+    return "\n".join(out) + notes(d)
+
+
+def section_speed(d: dict, img: Path) -> str:
+    rows = d["rows"]
+    bw = next((r for r in rows if r["table"] == "bandwidth"), None)
+    out = ["### Prefill and decode speed against transformers", "", provenance(d), ""]
+    if bw:
+        out += [f"Memory bandwidth (copy of a {bw['mib']} MiB tensor, read + write): **{bw['copy_gbs']:.1f} GB/s** "
+                f"(read-only reduction: {bw['read_gbs']:.1f} GB/s). Weights read per decode step: {bw['weight_bytes'] / 1e6:.0f} MB, "
+                f"so the bandwidth limit at batch 1 is **{bw['limit_tok_s']:.1f} tok/s**.", ""]
+    sp = [r for r in rows if r["table"] == "speed"]
+    hf = {(r["prompt"], r["batch"]): r for r in sp if r["engine"] == "transformers"}
+    body = []
+    for r in sp:
+        ref = hf.get((r["prompt"], r["batch"]))
+        ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref and r["engine"] != "transformers" else ""
+        pratio = f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x" if ref and r["engine"] != "transformers" else ""
+        body.append([r["engine"], r["mode"], str(r["prompt"]), str(r["batch"]), f"{r['prefill_tok_s']:.0f}", pratio,
+                     f"{r['decode_tok_s']:.1f}", ratio, pct(r.get("bandwidth_fraction")) if r.get("bandwidth_fraction") else "",
+                     mib(r.get("kv_bytes"))])
+    out += [table(["engine", "mode", "prompt", "batch", "prefill tok/s", "vs transformers", "decode tok/s", "vs transformers",
+                   "of bandwidth limit", "KV MiB"], body), ""]
+    st = [r for r in rows if r["table"] == "startup"]
+    if st:
+        out += ["Startup (subprocesses; warm = second run, OS file cache and inductor cache warm):", "",
+                table(["what", "seconds"], [[r["what"], f(r["seconds"], 2)] for r in st]), ""]
+    ctx = [r for r in rows if r["table"] == "context"]
+    if ctx:
+        budget = next((r["budget"] for r in ctx if r.get("budget")), None)
+        out += [f"### Decode speed against context length (policies at budget {budget})", "",
+                "The cost of a decode step follows the cache a policy holds, not the context: full holds the whole "
+                f"context, every policy {budget} entries per kv head. `vs full` compares each policy with full holding "
+                f"the same {budget} tokens (context {budget}): the policy's own overhead. transformers and kvpress "
+                "(SnapKVPress at the ratio that keeps the same budget) decode on their DynamicCache in the same run.", ""]
+        contexts = sorted({r["context"] for r in ctx})
+        keys = list(dict.fromkeys((r["engine"], r["method"], r["mode"]) for r in ctx))
+        by = {(r["engine"], r["method"], r["mode"], r["context"]): r for r in ctx}
+        body = []
+        for e, m, mode in keys:
+            cells = [m if e == "tinyengine" else f"{m} ({e})", mode]
+            for C in contexts:
+                x = by.get((e, m, mode, C))
+                cells.append(f"{x['decode_tok_s']:.1f}" if x else "–")
+            over = [by[(e, m, mode, C)].get("vs_full_same_tokens") for C in contexts if (e, m, mode, C) in by]
+            over = [o for o in over if o]
+            cells.append(f"{min(over):.2f}–{max(over):.2f}x" if over else "")
+            body.append(cells)
+        out += [table(["method", "mode"] + [f"{C} tok/s" for C in contexts] + ["vs full, same tokens"], body), ""]
+        series = {}
+        for e, m, mode in keys:
+            if mode != "eager" and e == "tinyengine" and m != "full":
+                continue
+            xs = [C for C in contexts if (e, m, mode, C) in by]
+            series[(m if e == "tinyengine" else f"{m} ({e})") + (f" {mode}" if mode != "eager" else "")] = (
+                xs, [by[(e, m, mode, C)]["decode_tok_s"] for C in xs], e != "tinyengine")
+        out.append(plot_lines(img / "decode_vs_context.png", series, "context (tokens)", "decode tok/s (batch 1)",
+                              "Decode speed vs context length", logx=True))
+    return "\n".join(out) + notes(d)
+
+
+def section_memory(d: dict, img: Path) -> str:
+    rows = d["rows"]
+    c = d["config"]
+    out = ["### Memory", "", provenance(d), "",
+           "Each measurement is a fresh subprocess. Run peak: the peak RSS while prefilling and generating 8 tokens, "
+           "after loading (VmHWM reset after the model is loaded); over base: that peak minus the RSS after loading; "
+           "KV MiB: the static cache allocated (K, V, slot positions).", ""]
+    body = []
+    for r in rows:
+        what = r.get("policy") or r.get("press") or "full"
+        if r.get("budget"):
+            what += f" budget {r['budget']}"
+        if r.get("ratio"):
+            what += f" ratio {r['ratio']:.3f}"
+        body.append([r["table"], r["engine"], what, str(r["prompt"]), str(r.get("chunk") or "–"), mib(r.get("run_peak_rss")),
+                     mib(r.get("run_over_base")), mib(r.get("kv_bytes"))])
+    out += [table(["table", "engine", "cache", "prompt", "prefill chunk", "run peak MiB", "over base MiB", "KV MiB"], body), ""]
+    ctx = [r for r in rows if r["table"] == "context"]
+    series = {}
+    for r in ctx:
+        name = f"{r.get('policy') or r.get('press') or 'full'} ({r['engine']})"
+        xs, ys, dashed = series.setdefault(name, ([], [], r["engine"] != "tinyengine"))
+        xs.append(r["prompt"])
+        ys.append(r["run_over_base"] / 2**20)
+    if series:
+        out.append(plot_lines(img / "memory_vs_context.png", series, "prompt (tokens)", "peak RSS over base (MiB)",
+                              f"Memory vs context length (budget {c.get('budget')})", logx=True))
+    return "\n".join(out) + notes(d)
+
+
+def section_attention(d: dict) -> str:
+    rows = d["rows"]
+    out = ["### Attention backends on this device", "", provenance(d), "",
+           "Milliseconds per call at the model's head shapes (random inputs; decode: one query against the slots). "
+           "This is the measurement behind `tinyengine.engine.default_backends`. Fastest per case in bold.", ""]
+    cases = list(dict.fromkeys((r["phase"], r["batch"], r["tokens"]) for r in rows))
+    variants = list(dict.fromkeys((r["backend"], r["compiled"]) for r in rows))
+    by = {(r["phase"], r["batch"], r["tokens"], r["backend"], r["compiled"]): r for r in rows}
+    body = []
+    for ph, B, T in cases:
+        vals = [by[(ph, B, T, be, cp)]["ms"] if (ph, B, T, be, cp) in by else None for be, cp in variants]
+        cells = bold_best([f(v, 2) for v in vals], vals, False)
+        body.append([ph, str(B), str(T)] + cells)
+    out += [table(["phase", "batch", "tokens"] + [be + (" (compiled)" if cp else "") for be, cp in variants], body)]
+    return "\n".join(out) + notes(d)
+
+
+def report(folder: Path, markdown: Path) -> str:
+    results = load_results(folder)
+    root = markdown.parent
+    img = Path("docs") / "bench"
+    (root / img).mkdir(parents=True, exist_ok=True)
+    cwd_img = root / img
+
+    def rel(fn, *a):  # plot into root/docs/bench, link relative to the markdown
+        text = fn(*a)
+        return text.replace(f"]({cwd_img.as_posix()}/", f"]({img.as_posix()}/")
+
+    parts = ["# Benchmarks", "",
+             "Generated by `python bench.py report` from the JSON results in `bench_results/` (one file per run, with its "
+             "command line, machine, date and versions). Do not edit by hand: rerun the benchmark and the report.", "",
+             "Reproduce (2 CPU cores; times measured on the machine named in each section):", "",
+             "```", "python bench.py quality            # fidelity + MomentKV ablation, RULER, long generation, kvpress side by side",
+             "python bench.py speed              # tok/s vs transformers, bandwidth limit, compile/startup, decode vs context",
+             "python bench.py memory             # peak RSS and KV bytes (a subprocess per measurement)",
+             "python bench.py attention          # attention backends on this device",
+             "python bench.py report             # this file and docs/bench/*.png", "```", ""]
+    if not results:
+        parts.append("No results yet: run the commands above.")
+    if any(s in results for s in ("fidelity", "ruler", "longgen")):
+        parts += ["## Quality", ""]
+    if "fidelity" in results:
+        parts += [rel(section_fidelity, results["fidelity"], cwd_img, root), ""]
+    if "ruler" in results:
+        parts += [rel(section_ruler, results["ruler"], cwd_img), ""]
+    if "longgen" in results:
+        parts += [rel(section_longgen, results["longgen"], cwd_img), ""]
+    if any(s in results for s in ("speed", "memory", "attention")):
+        parts += ["## Speed and memory", ""]
+    if "speed" in results:
+        parts += [rel(section_speed, results["speed"], cwd_img), ""]
+    if "memory" in results:
+        parts += [rel(section_memory, results["memory"], cwd_img), ""]
+    if "attention" in results:
+        parts += [section_attention(results["attention"]), ""]
+    text = "\n".join(parts).rstrip() + "\n"
+    markdown.write_text(text)
+    print(f"[report] {', '.join(sorted(results)) or 'no results'} -> {markdown}")
+    return text

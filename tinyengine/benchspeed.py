@@ -1,0 +1,465 @@
+"""bench.py's speed, memory and attention suites (measurements; no quality scoring here).
+
+speed      prefill and decode tok/s at several prompt lengths and batch sizes, eager and compiled,
+           against transformers' `generate` on the same weights in the same run; the bandwidth
+           limit (weight bytes read per token over the bandwidth of a large tensor copy) and our
+           fraction of it; cold compile time and warm start-to-first-token (subprocesses); decode
+           tok/s against context length for full and each policy at a fixed budget (the flat-cost
+           curve), each policy's overhead against full holding the same number of tokens, and
+           transformers / kvpress at the same contexts.
+memory     peak RSS (ru_maxrss of a fresh subprocess per measurement) and KV bytes against context
+           length, chunked prefill against full prefill, transformers and kvpress alongside.
+attention  reference vs SDPA vs flex for prefill and decode shapes of the model on this device:
+           the measurement behind tinyengine.engine.default_backends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device="cpu"):
+    _sync(device)
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t, out
+
+
+def bandwidth(device="cpu", mib: int = 512, repeats: int = 5) -> dict:
+    """Memory bandwidth from a large tensor copy (bytes read + written per second, best of `repeats`)
+    and from a read-only reduction."""
+    n = mib * 2**20 // 4
+    x = torch.ones(n, device=device)
+    y = torch.empty_like(x)
+    copy = min(timed(lambda: y.copy_(x), device)[0] for _ in range(repeats))
+    read = min(timed(lambda: x.sum(), device)[0] for _ in range(repeats))
+    return {"copy_gbs": 2 * x.numel() * 4 / copy / 1e9, "read_gbs": x.numel() * 4 / read / 1e9, "mib": mib}
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads (tied embeddings once: the lm_head reads all of it)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def prose_prompts(tokenizer, length: int, batch: int) -> list[list[int]]:
+    from tinyengine.benchdata import prose_tokens
+
+    ids = prose_tokens(tokenizer)
+    need = length * batch
+    ids = (ids * (need // len(ids) + 1))[:need]
+    return [ids[i * length:(i + 1) * length] for i in range(batch)]
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def ours_speed(model, prompts, new: int, compiled: bool, plan=None) -> dict:
+    """Prefill tok/s and decode tok/s (after two warm-up steps) of our engine."""
+    from policies.base import CachePlan
+    from tinyengine.benchkit import capacities, pad
+    from tinyengine.engine import Engine
+
+    engine = Engine(model, plan or CachePlan(), compile=compiled)
+    tokens, lengths = pad(prompts, engine.device)
+    engine.setup(len(prompts), capacities(engine, prompts, new + 4))
+    with torch.inference_mode():
+        t_prefill, logits = timed(lambda: engine.prefill(tokens, lengths), engine.device)
+        tok = logits.argmax(-1)[:, None]
+        pos = lengths[:, None].clone()
+        t_first, _ = timed(lambda: engine.decode_step(tok, pos), engine.device)  # compiles when compiled
+        engine.decode_step(tok, pos + 1)
+        t_decode, _ = timed(lambda: [engine.decode_step(tok, pos + 2 + i) for i in range(new)], engine.device)
+    B = len(prompts)
+    return {"prefill_tok_s": B * tokens.shape[1] / t_prefill, "decode_tok_s": B * new / t_decode,
+            "decode_step_ms": 1000 * t_decode / new, "first_step_s": t_first, "kv_bytes": engine.kv_bytes(),
+            "state_bytes": engine.state_bytes()}
+
+
+def hf_speed(hf, prompts, new: int) -> dict:
+    """transformers' generate: prefill from a 1-token generate, decode from the difference to `new` tokens."""
+    ids = torch.tensor(prompts, device=hf.device)
+    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        hf.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+        t1, _ = timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw))
+        tn, _ = timed(lambda: hf.generate(ids, max_new_tokens=new + 1, min_new_tokens=new + 1, **kw))
+    B = len(prompts)
+    return {"prefill_tok_s": B * ids.shape[1] / t1, "decode_tok_s": B * new / max(tn - t1, 1e-9),
+            "decode_step_ms": 1000 * (tn - t1) / new}
+
+
+def speed(args, size: dict, save):
+    from tinyengine.benchkit import load_hf
+
+    import bench
+
+    started = time.time()
+    b = bench.Bench(args)
+    notes, rows = [], []
+    bw = bandwidth(args.device)
+    wbytes = weight_bytes(b.model)
+    limit = bw["copy_gbs"] * 1e9 / wbytes
+    rows.append({"table": "bandwidth", **bw, "weight_bytes": wbytes, "limit_tok_s": limit})
+    modes = ["eager"] + (["compiled"] if args.compile else [])
+    configs = [(P, B) for P in size["speed_prompts"] for B in size["speed_batches"]]
+    hf = None
+    if args.kvpress or True:  # transformers' generate is the reference, always in the same run
+        try:
+            hf = b.hf
+        except Exception as e:  # transformers missing: say so
+            notes.append(f"transformers unavailable, its rows are missing: {e}")
+    contexts = sorted(set(size["contexts"]) | {size["budget"]})
+    bar = bench.Progress("speed", len(configs) * (len(modes) + 1) + 4 + len(contexts) * 3, not args.no_progress)
+    new = size["speed_new"]
+    for P, B in configs:
+        prompts = prose_prompts(b.tokenizer, P, B)
+        for mode in modes:
+            bar.doing(f"tinyengine {mode}, prompt {P}, batch {B}")
+            r = ours_speed(b.model, prompts, new, mode == "compiled")
+            rows.append({"table": "speed", "engine": "tinyengine", "mode": mode, "prompt": P, "batch": B, **r,
+                         "bandwidth_fraction": r["decode_tok_s"] / B / limit if B == 1 else None})
+            bar.done(1)
+        if hf is not None:
+            bar.doing(f"transformers generate, prompt {P}, batch {B}")
+            r = hf_speed(hf, prompts, new)
+            rows.append({"table": "speed", "engine": "transformers", "mode": "eager", "prompt": P, "batch": B, **r,
+                         "bandwidth_fraction": r["decode_tok_s"] / B / limit if B == 1 else None})
+        bar.done(1)
+    bar.doing("cold compile (fresh inductor cache, subprocess)")
+    rows += startup_rows(args, notes)
+    bar.done(4)
+    rows += flat_cost_rows(b, args, size, bar, notes)
+    bar.close()
+    save(args, "speed", rows, notes + b.notes, {k: size[k] for k in ("speed_prompts", "speed_batches", "speed_new", "contexts", "budget")}, started)
+
+
+def startup_rows(args, notes) -> list[dict]:
+    """Cold and warm compile of the decode step, and start-to-first-token of generate.py (subprocesses)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        for label in ("cold", "warm"):
+            r = run_probe({"kind": "compile", "checkpoint": args.checkpoint, "device": args.device}, env)
+            if "error" in r:
+                notes.append(f"compile probe failed: {r['error']}")
+                break
+            rows.append({"table": "startup", "what": f"{label} compile (first compiled decode step)", "seconds": r["first_step_s"]})
+        for compiled in (False, True):
+            cmd = [sys.executable, str(ROOT / "generate.py"), "--checkpoint", args.checkpoint, "--device", args.device,
+                   "--max-new-tokens", "8", "--prompt", "The capital of France is", "--compile" if compiled else "--no-compile"]
+            first, total = None, None
+            for _ in range(2):  # the first run warms the OS file cache (and the inductor cache)
+                first, total = time_to_first_output(cmd, env)
+            label = "compiled" if compiled else "eager"
+            rows.append({"table": "startup", "what": f"warm start to first token, generate.py ({label})", "seconds": first})
+            rows.append({"table": "startup", "what": f"warm start to 8 tokens, generate.py ({label})", "seconds": total})
+    return rows
+
+
+def time_to_first_output(cmd, env) -> tuple[float, float]:
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    first = None
+    while True:
+        ch = proc.stdout.read(1)
+        if not ch:
+            break
+        if first is None and ch.strip():
+            first = time.perf_counter() - t
+    proc.wait()
+    return first, time.perf_counter() - t
+
+
+def flat_cost_rows(b, args, size, bar, notes) -> list[dict]:
+    """Decode tok/s against context length: full holding the whole context, each policy at a fixed
+    budget. The prompt is prefilled once per context (recorded) and replayed into each policy's
+    prefill (tinyengine/benchkit.py), so only decode is timed. Eager, as the engine runs on CPU by
+    default; compiled too with --compile (one compile per plan, reused across contexts)."""
+    from policies import POLICIES
+    from policies.base import CachePlan
+    from tinyengine.benchkit import PressBank, capacities, drive, hf_continue, make_press, plan_window
+    from tinyengine.engine import Engine
+
+    budget, new = size["budget"], max(8, size["speed_new"])
+    contexts = sorted(set(size["contexts"]) | {budget})
+    specs = []
+    for name in (args.policies or [n for n in POLICIES if n != "full"]):
+        base = name.partition(":")[0]
+        if base.split("+")[0] not in POLICIES:
+            notes.append(f"flat-cost curve: {name} is not registered, skipped")
+            continue
+        first = POLICIES[base.split("+")[0]]
+        if first.has_prefill:
+            specs.append((name, {"budget": budget}))
+        else:  # decode-only: the prompt would be kept whole; compose it with snapkv to hold `budget` entries
+            specs.append((f"snapkv+{name}", {"budget": budget, "decode_budget": 64}))
+    plans = {spec: b.plan(spec, **kw) for spec, kw in specs}
+    plans = {k: v for k, v in plans.items() if v is not None}
+    modes = ["eager"] + (["compiled"] if args.compile else [])
+    rows = []
+    compiled_engines = {}
+    for C in contexts:
+        if C + new + 8 > b.model.args.max_position_embeddings:
+            notes.append(f"context {C} + {new} tokens exceeds the model's context; skipped")
+            continue
+        prompt = prose_prompts(b.tokenizer, C, 1)
+        bar.doing(f"flat-cost: full, context {C} (recording)")
+        full = Engine(b.replay, CachePlan())
+        _, tape = drive(full, prompt, None, 1, replay=b.replay, record_window=plan_window(plans.values()))
+        for mode in modes:
+            rows.append({"table": "context", "engine": "tinyengine", "method": "full", "mode": mode, "context": C,
+                         "budget": None, **decode_rate(b, CachePlan(), prompt, tape, new, mode == "compiled", {})})
+        for spec, plan in plans.items():
+            if C <= budget and spec != "full":
+                continue  # nothing to evict
+            for mode in modes:
+                bar.doing(f"flat-cost: {spec} {mode}, context {C}")
+                r = decode_rate(b, plan, prompt, tape, new, mode == "compiled", compiled_engines, key=spec)
+                rows.append({"table": "context", "engine": "tinyengine", "method": spec, "mode": mode, "context": C,
+                             "budget": budget, **r})
+        del tape
+        bar.done(1)
+        if args.kvpress:
+            bar.doing(f"flat-cost: transformers and kvpress, context {C}")
+            try:
+                ratio = max(0.0, 1 - budget / C)
+                bank = {"snapkv": make_press("snapkv", ratio)} if ratio > 0 else {}
+                first, compressed, full_layers = PressBank(b.hf, bank).prefill(torch.tensor(prompt))
+                for method, layers in [("full", full_layers)] + [(k, v) for k, v in compressed.items()]:
+                    t0 = time.perf_counter()
+                    hf_continue(b.hf, layers, C, [], new + 1, first_logits=first)
+                    dt = time.perf_counter() - t0
+                    rows.append({"table": "context", "engine": "transformers" if method == "full" else "kvpress",
+                                 "method": method, "mode": "eager", "context": C, "budget": budget if method != "full" else None,
+                                 "decode_tok_s": new / dt, "decode_step_ms": 1000 * dt / new})
+            except ImportError as e:
+                notes.append(f"kvpress/transformers unavailable: {e}")
+        bar.done(2)
+    # Overhead: each policy at `budget` against full holding `budget` tokens (same cache size).
+    ref = {r["mode"]: r["decode_tok_s"] for r in rows if r["method"] == "full" and r["engine"] == "tinyengine" and r["context"] == budget}
+    for r in rows:
+        if r["engine"] == "tinyengine" and r["method"] != "full" and r["mode"] in ref:
+            r["vs_full_same_tokens"] = r["decode_tok_s"] / ref[r["mode"]]
+    return rows
+
+
+def decode_rate(b, plan, prompt, tape, new, compiled, engines, key=None) -> dict:
+    """Time `new` decode steps after a replayed prefill (two warm-up steps first)."""
+    from tinyengine.benchkit import capacities, pad
+    from tinyengine.engine import Engine
+
+    engine = engines.get(key) if compiled and key else None
+    if engine is None:
+        engine = Engine(b.replay, plan, compile=compiled)
+        if compiled and key:
+            engines[key] = engine
+    tokens, lengths = pad(prompt, engine.device)
+    engine.setup(1, capacities(engine, prompt, new + 4))
+    with torch.inference_mode():
+        with b.replay.replaying(tape):
+            logits = engine.prefill(tokens, lengths)
+        tok = logits.argmax(-1)[:, None]
+        pos = lengths[:, None].clone()
+        t_first, _ = timed(lambda: engine.decode_step(tok, pos))
+        engine.decode_step(tok, pos + 1)
+        dt, _ = timed(lambda: [engine.decode_step(tok, pos + 2 + i) for i in range(new)])
+    return {"decode_tok_s": new / dt, "decode_step_ms": 1000 * dt / new, "kv_bytes": engine.kv_bytes(),
+            "state_bytes": engine.state_bytes(), "first_step_s": t_first}
+
+
+# ----------------------------------------------------------------------------- memory (subprocesses)
+
+
+def run_probe(spec: dict, env=None, timeout: int = 1800) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench.py"), "_probe", "--probe", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or os.environ.copy(), cwd=ROOT, timeout=timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def _status(field: str) -> int:
+    """A byte count from /proc/self/status (VmRSS: now, VmHWM: peak since start or last reset)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the peak measured excludes model loading."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe(spec: dict) -> dict:
+    """One measurement in this (fresh) process; printed as JSON by `bench.py _probe`.
+
+    peak_rss: ru_maxrss of the whole process (loading included); run_peak: the peak RSS while
+    prefilling and decoding (VmHWM reset after loading); base_rss: RSS after loading.
+    """
+    import tinyengine
+    from policies import make_plan
+    from policies.base import CachePlan
+    from tinyengine.checkpoint import resolve_checkpoint
+    from tinyengine.engine import Engine
+    from tinyengine.tokenizer import Tokenizer
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    folder = resolve_checkpoint(spec["checkpoint"], progress=False)
+    tokenizer = Tokenizer.from_folder(folder)
+    if spec["kind"] == "compile":
+        model, _ = tinyengine.load(spec["checkpoint"], device=spec.get("device", "cpu"), progress=False)
+        r = ours_speed(model, prose_prompts(tokenizer, 32, 1), 2, compiled=True)
+        return {"first_step_s": r["first_step_s"], "decode_step_ms": r["decode_step_ms"]}
+    prompt = prose_prompts(tokenizer, spec["prompt"], 1)
+    new = spec.get("new", 8)
+    kv = state = None
+    torch.set_grad_enabled(False)
+    if spec["engine"] == "tinyengine":
+        model, _ = tinyengine.load(spec["checkpoint"], device=spec.get("device", "cpu"), progress=False)
+        plan = CachePlan() if spec["policy"] == "full" else make_plan(spec["policy"], budget=spec.get("budget"))
+        engine = Engine(model, plan, prefill_chunk=spec.get("chunk"))
+        Engine(model).generate([prompt[0][:8]], 2)  # touch every weight (memory-mapped) before the baseline
+        base, reset = _status("VmRSS"), _reset_peak()
+        engine.generate(prompt, new)
+        kv, state = engine.kv_bytes(), engine.state_bytes()
+    else:
+        from tinyengine.benchkit import hf_continue, load_hf, make_press
+
+        hf = load_hf(folder)
+        with torch.inference_mode():  # touch every weight before the baseline
+            hf.generate(torch.tensor([prompt[0][:8]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        base, reset = _status("VmRSS"), _reset_peak()
+        with torch.inference_mode():
+            if spec.get("press"):  # kvpress's own path: the press compresses during the prefill forward
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=hf.config)
+                with make_press(spec["press"], spec["ratio"])(hf):
+                    out = hf(input_ids=torch.tensor(prompt), past_key_values=cache, logits_to_keep=1)
+                layers = [(layer.keys, layer.values) for layer in cache.layers]
+                hf_continue(hf, layers, len(prompt[0]), [], new, first_logits=out.logits[0, -1])
+            else:
+                hf.generate(torch.tensor(prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    run_peak = _status("VmHWM") if reset else peak
+    return {"peak_rss": peak, "base_rss": base, "run_peak_rss": run_peak, "run_over_base": run_peak - base,
+            "kv_bytes": kv, "state_bytes": state}
+
+
+def memory(args, size: dict, save):
+    import bench
+
+    started = time.time()
+    budget = min(512, size["budget"])
+    contexts = size["contexts"]
+    policy = (args.policies or ["snapkv"])[0]
+    specs = []
+    for C in contexts:
+        specs.append(("context", {"engine": "tinyengine", "policy": "full", "prompt": C}))
+        specs.append(("context", {"engine": "tinyengine", "policy": policy, "budget": budget, "prompt": C, "chunk": budget}))
+        specs.append(("context", {"engine": "transformers", "prompt": C}))
+        if args.kvpress and C > budget:
+            specs.append(("context", {"engine": "kvpress", "press": "snapkv", "ratio": 1 - budget / C, "prompt": C}))
+    big = max(contexts)
+    for chunk in (None, budget):
+        specs.append(("chunked", {"engine": "tinyengine", "policy": policy, "budget": budget, "prompt": big, "chunk": chunk}))
+    bar = bench.Progress("memory", len(specs), not args.no_progress)
+    rows, notes = [], []
+    for table, spec in specs:
+        spec = {**spec, "checkpoint": args.checkpoint, "device": args.device}
+        bar.doing(f"{spec['engine']} {spec.get('policy') or spec.get('press') or 'full'} prompt {spec['prompt']}"
+                  + (f" chunk {spec['chunk']}" if spec.get("chunk") else ""))
+        r = run_probe({**spec, "kind": "memory"})
+        if "error" in r:
+            notes.append(f"memory probe {spec} failed: {r['error']}")
+        else:
+            rows.append({"table": table, **{k: v for k, v in spec.items() if k not in ("checkpoint", "device")}, **r})
+        bar.done(1)
+    bar.close()
+    save(args, "memory", rows, notes, {"contexts": contexts, "budget": budget, "policy": policy}, started)
+
+
+# ----------------------------------------------------------------------------- attention backends
+
+
+def error_line(e: Exception) -> str:
+    """The informative line of an exception (a compiler's first "error:" line, else its first line)."""
+    lines = str(e).splitlines() or [type(e).__name__]
+    hit = next((l for l in lines if "error:" in l), lines[0])
+    return f"{type(e).__name__}: {hit.split('error:', 1)[-1].strip()[:200]}"
+
+
+def attention_suite(args, size: dict, save):
+    """Prefill and decode attention per backend at the model's head shapes (random inputs)."""
+    import bench
+    from models.llama import ModelArgs
+    from tinyengine.attention import attention
+    from tinyengine.checkpoint import resolve_checkpoint
+    from tinyengine.weights import read_config
+
+    started = time.time()
+    a = ModelArgs.from_hf_config(read_config(resolve_checkpoint(args.checkpoint, progress=False)))
+    dev = torch.device(args.device)
+    prefill_T = [T for T in size["speed_prompts"] if T >= 64] or [128]
+    decode_S = size["contexts"]
+    backends = ["reference", "sdpa", "flex"]
+    cases = [("prefill", 1, T) for T in prefill_T] + [("decode", B, S) for S in decode_S for B in size["speed_batches"]]
+    bar = bench.Progress("attention", len(cases) * len(backends), not args.no_progress)
+    rows, notes = [], []
+    g = torch.Generator().manual_seed(0)
+    for phase, B, T in cases:
+        Tq = T if phase == "prefill" else 1
+        q = torch.randn(B, a.num_heads, Tq, a.head_dim, generator=g).to(dev)
+        k = torch.randn(B, a.num_kv_heads, T, a.head_dim, generator=g).to(dev)
+        v = torch.randn_like(k)
+        kv_pos = torch.arange(T, device=dev).expand(B, a.num_kv_heads, T).contiguous()
+        q_pos = (torch.arange(Tq, device=dev) + (T - Tq)).expand(B, Tq).contiguous()
+        ref = attention(q, k, v, q_pos, kv_pos, backend="reference")
+        for backend in backends:
+            bar.doing(f"{phase} {backend} B={B} T={T}")
+            for compiled in ((False, True) if phase == "decode" else (False,)):
+                fn = lambda: attention(q, k, v, q_pos, kv_pos, backend=backend)  # noqa: E731
+                if compiled:
+                    fn = torch.compile(fn, fullgraph=True, dynamic=False)
+                try:
+                    t0 = time.perf_counter()
+                    out = fn()  # compiles (flex, or the compiled variant)
+                    warm = time.perf_counter() - t0
+                    reps = 3 if phase == "prefill" else 20
+                    times = [timed(fn, dev)[0] for _ in range(reps)]
+                    rows.append({"table": "attention", "phase": phase, "backend": backend, "compiled": compiled, "batch": B,
+                                 "tokens": T, "ms": 1000 * statistics.median(times), "first_call_s": warm,
+                                 "max_abs_err": (out - ref).abs().max().item()})
+                except Exception as e:  # a backend that does not run here is a finding, not a crash
+                    notes.append(f"{phase} {backend}{' compiled' if compiled else ''} B={B} T={T} failed: {error_line(e)}")
+            bar.done(1)
+    bar.close()
+    save(args, "attention", rows, notes, {"prefill_tokens": prefill_T, "decode_slots": decode_S,
+                                           "heads": [a.num_heads, a.num_kv_heads, a.head_dim]}, started)
