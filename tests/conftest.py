@@ -32,3 +32,14 @@ def smollm2(tinyengine_cache):
     from helpers import smollm2_folder
 
     return smollm2_folder()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices run fastest on one thread (and do not fight other processes for the cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
