@@ -4,6 +4,7 @@
     python bench.py speed                  prefill/decode tok/s vs transformers, bandwidth limit, compile, flat-cost curve
     python bench.py memory                 peak RSS and KV bytes vs context; chunked vs full prefill (a subprocess each)
     python bench.py attention              SDPA vs flex vs reference on this device (the engine's backend choice)
+    python bench.py tp                     tensor parallel decode tok/s at 1, 2, 3 ranks (torchrun, gloo on CPU)
     python bench.py report                 BENCHMARKS.md and the plots, from every bench_results/*.json
     python bench.py all                    all of the above, then report
 
@@ -20,8 +21,6 @@ import datetime
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,13 +32,13 @@ SIZES = {
     "smoke": dict(fid_n=1, fid_ctx=160, fid_cont=8, ratios=[0.5], ruler_lengths=[512], ruler_tasks=["niah_single"],
                   ruler_n=1, lg_questions=2, lg_tokens=16, decode_budgets=[8, 12], group_tokens=4096,
                   contexts=[256], speed_prompts=[64], speed_batches=[1], speed_new=4, budget=64),
-    "quick": dict(fid_n=2, fid_ctx=512, fid_cont=32, ratios=[0.5, 0.75], ruler_lengths=[1024],
-                  ruler_tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt"], ruler_n=1, lg_questions=6,
-                  lg_tokens=256, decode_budgets=[64, 128], group_tokens=8192,
+    "quick": dict(fid_n=2, fid_ctx=512, fid_cont=24, ratios=[0.5], ruler_lengths=[1024],
+                  ruler_tasks=["niah_single", "niah_multikey"], ruler_n=1, lg_questions=4,
+                  lg_tokens=96, decode_budgets=[32, 64], group_tokens=8192,
                   contexts=[512, 1024], speed_prompts=[128, 1024], speed_batches=[1, 8], speed_new=16, budget=256),
     "default": dict(fid_n=4, fid_ctx=1024, fid_cont=128, ratios=[0.5, 0.75, 0.875], ruler_lengths=[1024, 2048, 4096],
                     ruler_tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt"], ruler_n=2, lg_questions=64,
-                    lg_tokens=2048, decode_budgets=[128, 256, 512], group_tokens=8192,
+                    lg_tokens=2048, decode_budgets=[128, 256, 512], group_tokens=16384,
                     contexts=[1024, 2048, 4096, 8000], speed_prompts=[128, 1024, 4096], speed_batches=[1, 8],
                     speed_new=32, budget=1024),
     "large": dict(fid_n=8, fid_ctx=2048, fid_cont=256, ratios=[0.5, 0.75, 0.875], ruler_lengths=[1024, 2048, 4096],
@@ -50,7 +49,9 @@ SIZES = {
 }
 RULER_RATIOS_DEFAULT = [0.5, 0.75]  # RULER runs fewer ratios than fidelity (its decode is the costly part)
 DECODE_POLICIES = ["momentum", "scope", "h2o", "streamingllm", "tova"]  # long generation (issue 5 part C)
-RETRY_OPTIONS = {"scope": lambda db: {"recent": db // 2}}  # scope's recent window (256) must fit small decode budgets
+# scope keeps a recent window of 256 generated tokens, more than small decode budgets hold: when it does not fit,
+# its window is half the smallest decode budget of the run, the same at every budget so that they share one batch.
+RETRY_OPTIONS = {"scope": lambda budgets: {"recent": min(budgets) // 2}}
 
 
 # ----------------------------------------------------------------------------- results
@@ -139,6 +140,7 @@ class Bench:
         self.replay = ReplayModel(self.model)
         self.notes: list[str] = []
         self._hf = None
+        self._replay_checked: dict[str, bool] = {}
 
     @property
     def hf(self):
@@ -154,15 +156,34 @@ class Bench:
         return Engine(self.replay, plan, compile=False)
 
     def plan(self, spec: str, **kw):
-        """make_plan for `spec` ("name", "a+b", with an optional ":nc" correction), or None with a note."""
+        """make_plan for a spec, or None with a note. Spec: "name" or "a+b", optional policy options
+        in braces and an optional ":nc" correction, e.g. "snapkv{window=64;kernel=5;pooling=avg}:nc"."""
         from policies import make_plan
 
-        name, _, correction = spec.partition(":")
+        name, options, correction = parse_spec(spec)
+        if options:
+            kw = {**kw, "options": {**options, **(kw.get("options") or {})}}
         try:
-            return make_plan(name, correction=correction or None, **kw)
+            return make_plan(name, correction=correction, **kw)
         except ValueError as e:
             self.notes.append(f"{spec} skipped at {fmt_kw(kw)}: {e}")
             return None
+
+    def replay_ok(self, key: str, plan_factory, prompt: list[int]) -> bool:
+        """Whether a replayed prefill (tinyengine/benchkit.py) equals the real one for this plan,
+        checked once per plan on a short prompt at default sizes (the tests check it too). On a
+        mismatch the suite prefills for real and says so."""
+        if self.args.size in ("smoke", "quick") or self.args.exact_prefill:
+            return not self.args.exact_prefill
+        if key not in self._replay_checked:
+            from tinyengine.benchkit import pad, verify_replay
+
+            tokens, lengths = pad([prompt[:160]], self.args.device)
+            problem = verify_replay(lambda: self.engine(plan_factory()), self.replay, tokens, lengths)
+            if problem:
+                self.notes.append(f"{key}: {problem}; its prefill runs for real (slower, exact)")
+            self._replay_checked[key] = problem is None
+        return self._replay_checked[key]
 
     def kvpress_presses(self) -> list[str]:
         from tinyengine.benchkit import KVPRESS_OTHERS, KVPRESS_SHARED
@@ -189,8 +210,7 @@ class Bench:
         names = self.args.policies or [n for n in POLICIES if n != "full"]
         keep = []
         for spec in names:
-            base = spec.partition(":")[0]
-            parts = base.split("+")
+            parts = parse_spec(spec)[0].split("+")
             if any(p not in POLICIES for p in parts):
                 self.notes.append(f"policy {spec} is not registered here (policies.POLICIES): skipped")
             elif not POLICIES[parts[0]].has_prefill:
@@ -198,6 +218,14 @@ class Bench:
             else:
                 keep.append(spec)
         return keep
+
+
+def parse_spec(spec: str):
+    """"name{k=v;k=v}:nc" -> ("name", {"k": "v"}, "nc"); options and correction are optional."""
+    head, _, correction = spec.partition(":")
+    name, _, opts = head.partition("{")
+    options = dict(o.split("=", 1) for o in opts.rstrip("}").split(";") if "=" in o)
+    return name, options, correction or None
 
 
 def fmt_kw(kw: dict) -> str:
@@ -222,17 +250,17 @@ def suite_fidelity(b: Bench, size: dict) -> list[dict]:
 
     from policies.base import CachePlan
     from tinyengine.benchdata import fidelity_samples
-    from tinyengine.benchkit import compare, drive, plan_window
+    from tinyengine.benchkit import drive, plan_window
 
     args = b.args
     samples = fidelity_samples(b.tokenizer, size["fid_n"], size["fid_ctx"], size["fid_cont"], seed=args.seed)
     ctx = [c for c, _ in samples]
     cont = torch.tensor([x for _, x in samples])
     ratios = args.ratios or size["ratios"]
-    configs = []  # (table, method, ratio, plan)
+    configs = []  # (table, method, ratio, plan factory)
     for spec in b.prefill_policies():
         for r in ratios:
-            configs.append(("fidelity", spec, r, b.plan(spec, **budget_kw(args, r, size["fid_ctx"]))))
+            configs.append(("fidelity", spec, r, plan_factory(b, spec, r, size["fid_ctx"])))
     try:
         from policies.momentkv import ABLATION
     except ImportError:
@@ -241,8 +269,9 @@ def suite_fidelity(b: Bench, size: dict) -> list[dict]:
     if "ablation" in args.suites and ABLATION:
         for variant, options in ABLATION.items():
             for r in ratios:
-                configs.append(("ablation", variant, r, b.plan("momentkv", options=options, **budget_kw(args, r, size["fid_ctx"]))))
-    configs = [c for c in configs if c[3] is not None]
+                configs.append(("ablation", variant, r, plan_factory(b, "momentkv", r, size["fid_ctx"], options)))
+    configs = [(t, m, r, f, f()) for t, m, r, f in configs]
+    configs = [c for c in configs if c[4] is not None]
     presses = b.kvpress_presses()
     L = size["fid_cont"]
     bar = Progress("fidelity", (1 + len(configs)) * L + len(presses) * len(ratios) * len(samples) * 2 + len(samples) * 10,
@@ -272,12 +301,13 @@ def suite_fidelity(b: Bench, size: dict) -> list[dict]:
     rows = []
     try:
         bar.doing("full (recording the prefill)")
-        full_logits, full_attn, tape = run(CachePlan(), record=plan_window([c[3] for c in configs]))
+        full_logits, full_attn, tape = run(CachePlan(), record=plan_window([c[4] for c in configs]))
         bar.done(L)
         rows.append(fid_row(b, "fidelity", "full", "tinyengine", None, full_logits, full_logits, full_attn, full_attn, cont, 1.0))
-        for table, method, r, plan in configs:
+        for table, method, r, factory, plan in configs:
             bar.doing(f"{method} ratio={r}")
-            logits, attn, _ = run(plan, tape=tape)
+            ok = b.replay_ok(f"{table}:{method}@{r}", factory, ctx[0])
+            logits, attn, _ = run(plan, tape=tape if ok else None)
             kept = kept_fraction(plan, [len(c) for c in ctx])
             rows.append(fid_row(b, table, method, "tinyengine", r, full_logits, logits, full_attn, attn, cont, kept))
             bar.done(L)
@@ -288,6 +318,11 @@ def suite_fidelity(b: Bench, size: dict) -> list[dict]:
         rows += fidelity_kvpress(b, presses, ratios, ctx, cont, full_logits, bar)
     bar.close()
     return rows
+
+
+def plan_factory(b: Bench, spec: str, ratio: float, context: int, options=None):
+    """A function making a fresh plan of `spec` at `ratio` (policies hold state, so each run needs its own)."""
+    return lambda: b.plan(spec, options=options, **budget_kw(b.args, ratio, context))
 
 
 def budget_kw(args, ratio: float, context: int) -> dict:
@@ -366,7 +401,7 @@ def suite_ruler(b: Bench, size: dict) -> list[dict]:
     (it is not seen by prefill-time scoring, kvpress's query-agnostic setting) and generate
     greedily; RULER's string_match_all score. --question-aware puts the question in the context."""
     from policies.base import CachePlan
-    from tinyengine.benchdata import chat_segments, ruler_samples, ruler_score
+    from tinyengine.benchdata import chat_segments, ruler_samples
     from tinyengine.benchkit import drive, plan_window
 
     args = b.args
@@ -374,8 +409,9 @@ def suite_ruler(b: Bench, size: dict) -> list[dict]:
     samples = ruler_samples(args.tasks or size["ruler_tasks"], lengths, args.samples or size["ruler_n"], b.tokenizer, seed=args.seed)
     segs = [chat_segments(b.tokenizer, s, args.question_aware) for s in samples]
     ratios = args.ratios or ([r for r in size["ratios"] if r in RULER_RATIOS_DEFAULT] or size["ratios"])
-    plans = [(spec, r, b.plan(spec, **budget_kw(args, r, len(c)))) for spec in b.prefill_policies() for r in ratios for c in segs[:1]]
-    plans = [p for p in plans if p[2] is not None]
+    ctx_len = len(segs[0][0])
+    plans = [(spec, r, b.plan(spec, **budget_kw(args, r, ctx_len))) for spec in b.prefill_policies() for r in ratios]
+    plans = [p for p in plans if p[2] is not None]  # (spec, ratio, a plan, for the window it needs)
     # Groups of rows of one length, at most group_tokens prompt tokens each (the recorded prefill lives in memory).
     groups = []
     for L in lengths:
@@ -399,9 +435,10 @@ def suite_ruler(b: Bench, size: dict) -> list[dict]:
         score_rows(scores, ("full", "tinyengine", None), g, out, samples, b.tokenizer)
         bar.done(sum(len(p) for p in prompts) / 200 + steps(g))
         for spec, r, _ in plans:
-            plan = b.plan(spec, **budget_kw(args, r, len(prompts[0])))
             bar.doing(f"{spec} ratio={r}, {samples[g[0]].length} tokens x{len(g)}")
-            out, _ = drive(b.engine(plan), prompts, forced, new, tape=tape, replay=b.replay, stop_ids=stop)
+            factory = plan_factory(b, spec, r, len(prompts[0]))
+            ok = b.replay_ok(f"{spec}@{r}", factory, prompts[0])
+            out, _ = drive(b.engine(factory()), prompts, forced, new, tape=tape if ok else None, replay=b.replay, stop_ids=stop)
             score_rows(scores, (spec, "tinyengine", r), g, out, samples, b.tokenizer)
             bar.done(steps(g))
         del tape
@@ -497,40 +534,37 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
     for name in names:
         plans, parity = [], None
         for db in budgets:
-            plan, parity = decode_plan(b, name, len(prompt), db)
+            plan, parity = decode_plan(b, name, len(prompt), db, budgets)
             plans.append(plan)
         if any(p is None for p in plans):
             bar.done(n)
             continue
-        # Rows: each budget generating freely, then each budget teacher-forced along full's output.
-        groups = same_options(name, budgets)
-        for group in groups:
-            gplans = [plans[budgets.index(db)] for db in group]
-            row_plans = gplans + gplans
-            bar.doing(f"{name} decode budgets {','.join(map(str, group))}")
-            kl, top1 = [[] for _ in group], [[] for _ in group]
+        # One batch: each budget generating freely, then each budget teacher-forced along full's output.
+        k = len(budgets)
+        bar.doing(f"{name} at decode budgets {','.join(map(str, budgets))}")
+        kl, top1 = [[] for _ in budgets], [[] for _ in budgets]
 
-            def on_logits(t, logits, k=len(group)):
-                a, c, _ = compare(full_logits[t].expand(k, -1), logits[k:])
-                for j in range(k):
-                    kl[j].append(a[j].item())
-                    top1[j].append(c[j].item())
+        def on_logits(t, logits):
+            a, c, _ = compare(full_logits[t].expand(k, -1), logits[k:])
+            for j in range(k):
+                kl[j].append(a[j].item())
+                top1[j].append(c[j].item())
 
-            engine = b.engine(max(gplans, key=lambda p: p.pool_budget(len(prompt))))
-            out, _ = drive(engine, [prompt] * (2 * len(group)), [[]] * len(group) + [full_out] * len(group),
-                           [n] * len(group) + [0] * len(group), ban_ids=ban, on_logits=on_logits, row_plans=row_plans)
-            for j, db in enumerate(group):
-                t = b.tokenizer.decode(out[j])
-                per_q = longgen_score(t, sample.references)
-                rows.append({"method": name, "decode_budget": db, "parity": parity, "score": mean_of(per_q), "per_question": per_q,
-                             "kl": mean_of(kl[j]), "top1": mean_of(top1[j]), "kl_by_pos": bucket(kl[j], 16),
-                             "sample_output": t[:600]})
-            bar.done(n * len(group) / len(budgets))
+        engine = b.engine(max(plans, key=lambda p: p.pool_budget(len(prompt))))
+        out, _ = drive(engine, [prompt] * (2 * k), [[]] * k + [full_out] * k, [n] * k + [0] * k,
+                       ban_ids=ban, on_logits=on_logits, row_plans=plans + plans)
+        for j, db in enumerate(budgets):
+            t = b.tokenizer.decode(out[j])
+            per_q = longgen_score(t, sample.references)
+            rows.append({"method": name, "decode_budget": db, "parity": parity, "score": mean_of(per_q), "per_question": per_q,
+                         "kl": mean_of(kl[j]), "top1": mean_of(top1[j]), "kl_by_pos": bucket(kl[j], 16),
+                         "sample_output": t[:600]})
+        bar.done(n)
     bar.close()
     return rows
 
 
-def decode_plan(b: Bench, name: str, prompt_len: int, db: int):
+def decode_plan(b: Bench, name: str, prompt_len: int, db: int, budgets: list[int]):
     """The plan that holds `db` generated tokens: a decode pool for decode-only / separate-pool
     policies, total capacity prompt + db for unified ones."""
     from policies import POLICIES, make_plan
@@ -538,23 +572,21 @@ def decode_plan(b: Bench, name: str, prompt_len: int, db: int):
     cls = POLICIES[name]
     unified = cls.has_prefill and cls.has_decode and not getattr(cls, "separate_pools", False)
     kw = {"budget": prompt_len + db} if unified else {"decode_budget": db}
+    parity = "total capacity" if unified else "decode pool"
+    if name in RETRY_OPTIONS:
+        try:
+            for other in budgets:  # the default options must fit every budget of the run
+                make_plan(name, **({"budget": prompt_len + other} if unified else {"decode_budget": other}))
+        except ValueError:
+            options = RETRY_OPTIONS[name](budgets)
+            b.notes.append(f"{name} runs with {', '.join(f'{k}={v}' for k, v in options.items())} "
+                           f"(its default does not fit decode budget {min(budgets)})")
+            kw["options"] = options
     try:
-        return make_plan(name, **kw), "total capacity" if unified else "decode pool"
+        return make_plan(name, **kw), parity
     except ValueError as e:
-        if name in RETRY_OPTIONS:
-            try:
-                return make_plan(name, options=RETRY_OPTIONS[name](db), **kw), "decode pool"
-            except ValueError:
-                pass
         b.notes.append(f"{name} skipped at decode budget {db}: {e}")
         return None, None
-
-
-def same_options(name: str, budgets: list[int]) -> list[list[int]]:
-    """Budgets that can share one batch: those whose plans take the same options."""
-    if name not in RETRY_OPTIONS:
-        return [budgets]
-    return [[db] for db in budgets]
 
 
 def bucket(xs: list[float], k: int) -> list[float]:
@@ -589,7 +621,7 @@ def quality(args) -> list[Path]:
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["quality", "speed", "memory", "attention", "report", "all", "_probe"])
+    p.add_argument("command", choices=["quality", "speed", "memory", "attention", "tp", "report", "all", "_probe"])
     p.add_argument("--checkpoint", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
     size = p.add_mutually_exclusive_group()
@@ -598,7 +630,8 @@ def parse_args(argv=None):
     size.add_argument("--large", action="store_const", dest="size", const="large", help="more samples than the default")
     p.add_argument("--suites", type=_list(str), default=["fidelity", "ablation", "ruler", "longgen"],
                    help="quality suites: fidelity, ablation, ruler, longgen")
-    p.add_argument("--policies", type=_list(str), help="policy specs (name, a+b, name:nc); default: every registered one")
+    p.add_argument("--policies", type=_list(str),
+                   help="policy specs: name, a+b, name{key=value;...} (options), name:nc (NC correction); default: every registered one")
     p.add_argument("--decode-policies", type=_list(str), help=f"long generation; default {','.join(DECODE_POLICIES)}")
     p.add_argument("--ratios", type=_list(float), help="compression ratios (fraction of the prompt evicted)")
     p.add_argument("--budgets", action="store_true", help="pin absolute budgets (context x (1 - ratio)) instead of ratios")
@@ -612,6 +645,11 @@ def parse_args(argv=None):
     p.add_argument("--kvpress", action=argparse.BooleanOptionalAction, default=True, help="run kvpress side by side")
     p.add_argument("--presses", type=_list(str), help="kvpress presses (default: the shared ones and its strongest others)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="speed: include compiled decode")
+    p.add_argument("--compile-flat", action="store_true",
+                   help="speed: decode-vs-context curve in both modes (default: the engine's default mode on the device)")
+    p.add_argument("--ranks", type=_list(int), help="tp: numbers of ranks (default 1,2,3)")
+    p.add_argument("--exact-prefill", action="store_true",
+                   help="prefill every policy for real instead of replaying the recorded full prefill (slower; same numbers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.add_argument("--out", default=str(ROOT / "bench_results"))
@@ -625,8 +663,10 @@ def parse_args(argv=None):
 
 
 def _list(kind):
-    def parse(text):
-        return [kind(x) for x in text.split(",") if x.strip()]
+    def parse(text):  # commas inside {...} belong to policy options
+        import re
+
+        return [kind(x) for x in re.split(r",(?![^{]*\})", text) if x.strip()]
     return parse
 
 
@@ -655,6 +695,10 @@ def main(argv=None) -> int:
         from tinyengine.benchspeed import attention_suite
 
         attention_suite(args, SIZES[args.size], save)
+    if args.command in ("tp", "all"):
+        from tinyengine.benchspeed import tp_suite
+
+        tp_suite(args, SIZES[args.size], save)
     if args.command in ("report", "all"):
         from tinyengine.benchreport import report
 

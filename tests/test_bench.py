@@ -257,3 +257,22 @@ def test_quality_smoke_and_report(tmp_path):
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
     for png in ("fidelity_kl.png", "ruler.png", "longgen_kl.png", "ablation_layers.png"):
         assert (tmp_path / "docs" / "bench" / png).stat().st_size > 1000
+
+
+def test_policy_specs_and_the_runtime_replay_check(tiny):
+    import bench
+
+    folder, _, _ = tiny
+    args = bench.parse_args(["quality", "--checkpoint", str(folder), "--no-progress",
+                             "--policies", "snapkv{window=8;kernel=3},h2o:nc,nosuch"])
+    assert args.policies == ["snapkv{window=8;kernel=3}", "h2o:nc", "nosuch"]
+    assert bench.parse_spec("snapkv{window=8;kernel=3}:nc") == ("snapkv", {"window": "8", "kernel": "3"}, "nc")
+    b = bench.Bench(args)
+    assert b.prefill_policies() == ["snapkv{window=8;kernel=3}", "h2o:nc"] and any("nosuch" in n for n in b.notes)
+    plan = b.plan("snapkv{window=8;kernel=3}", ratio=0.5)
+    assert plan.prefill.window == 8 and plan.prefill.kernel == 3
+    assert b.plan("snapkv", decode_budget=4) is None and "snapkv skipped" in b.notes[-1]
+    prompt = prompts(1, 100)[0]
+    for spec in ("snapkv{window=8;kernel=3}", "h2o:nc"):
+        assert b.replay_ok(spec, lambda: b.plan(spec, ratio=0.5), prompt) is True  # default size: checked for real
+    assert set(b._replay_checked) == {"snapkv{window=8;kernel=3}", "h2o:nc"}

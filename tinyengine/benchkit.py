@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import tinyengine.engine as engine_module
-from tinyengine.attention import PAD_QUERY_POS
 
 # ----------------------------------------------------------------------------- prefill replay
 

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 SIZE_RANK = {"large": 3, "default": 2, "quick": 1, "smoke": 0}
-SUITES = ("fidelity", "ruler", "longgen", "speed", "memory", "attention")
+SUITES = ("fidelity", "ruler", "longgen", "speed", "memory", "attention", "tp")
 
 
 def load_results(folder: Path) -> dict:
@@ -97,11 +97,14 @@ def _plt():
 def plot_lines(path: Path, series: dict, xlabel: str, ylabel: str, title: str, logy=False, logx=False) -> str:
     """series: label -> (xs, ys, dashed). Returns the markdown image line."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+    palette = plt.get_cmap("tab20").colors
+    bases = list(dict.fromkeys(name.split(" (")[0] for name in series))  # one color per method, ours and kvpress's
     for name, (xs, ys, dashed) in series.items():
-        pts = [(x, y) for x, y in zip(xs, ys) if y is not None and not (isinstance(y, float) and math.isnan(y))]
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None and not (isinstance(y, float) and math.isnan(y)) and (y > 0 or not logy)]
         if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, ls="--" if dashed else "-", label=name)
+            color = palette[bases.index(name.split(" (")[0]) % len(palette)]
+            ax.plot(*zip(*pts), marker="s" if dashed else "o", ms=4, ls="--" if dashed else "-", color=color, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -110,7 +113,7 @@ def plot_lines(path: Path, series: dict, xlabel: str, ylabel: str, title: str, l
     if logx:
         ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -312,6 +315,7 @@ def section_speed(d: dict, img: Path) -> str:
                      mib(r.get("kv_bytes"))])
     out += [table(["engine", "mode", "prompt", "batch", "prefill tok/s", "vs transformers", "decode tok/s", "vs transformers",
                    "of bandwidth limit", "KV MiB"], body), ""]
+    out += targets(rows, bw)
     st = [r for r in rows if r["table"] == "startup"]
     if st:
         out += ["Startup (subprocesses; warm = second run, OS file cache and inductor cache warm):", "",
@@ -333,11 +337,10 @@ def section_speed(d: dict, img: Path) -> str:
             for C in contexts:
                 x = by.get((e, m, mode, C))
                 cells.append(f"{x['decode_tok_s']:.1f}" if x else "–")
-            over = [by[(e, m, mode, C)].get("vs_full_same_tokens") for C in contexts if (e, m, mode, C) in by]
-            over = [o for o in over if o]
-            cells.append(f"{min(over):.2f}–{max(over):.2f}x" if over else "")
+            last = next((by[(e, m, mode, C)] for C in reversed(contexts) if (e, m, mode, C) in by), {})
+            cells.append(f"{last['vs_full_same_tokens']:.2f}x" if last.get("vs_full_same_tokens") else "")
             body.append(cells)
-        out += [table(["method", "mode"] + [f"{C} tok/s" for C in contexts] + ["vs full, same tokens"], body), ""]
+        out += [table(["method", "mode"] + [f"{C} tok/s" for C in contexts] + [f"at {contexts[-1]}: vs full holding {budget}"], body), ""]
         series = {}
         for e, m, mode in keys:
             if mode != "eager" and e == "tinyengine" and m != "full":
@@ -348,6 +351,31 @@ def section_speed(d: dict, img: Path) -> str:
         out.append(plot_lines(img / "decode_vs_context.png", series, "context (tokens)", "decode tok/s (batch 1)",
                               "Decode speed vs context length", logx=True))
     return "\n".join(out) + notes(d)
+
+
+def targets(rows: list, bw: dict | None) -> list[str]:
+    """Issue 3's targets (2-core CPU, float32, batch 1) against what this run measured."""
+    sp = {(r["engine"], r["mode"], r["prompt"], r["batch"]): r for r in rows if r["table"] == "speed"}
+    st = {r["what"]: r["seconds"] for r in rows if r["table"] == "startup"}
+    short = min((p for (_, _, p, b) in sp if b == 1), default=None)
+    comp, hf = sp.get(("tinyengine", "compiled", short, 1)), sp.get(("transformers", "eager", short, 1))
+    checks = []
+    if comp and hf:
+        x = comp["decode_tok_s"] / hf["decode_tok_s"]
+        checks.append(["compiled decode vs transformers (batch 1, prompt %d)" % short, ">= 3x", f"{x:.2f}x", x >= 3])
+    if comp and bw:
+        x = comp["decode_tok_s"] / bw["limit_tok_s"]
+        checks.append(["compiled decode, fraction of the bandwidth limit", ">= 70%", pct(x), x >= 0.7])
+    first = st.get("warm start to first token, generate.py (eager)")
+    if first is not None:
+        checks.append(["warm start to first token (generate.py)", "<= 10 s", f"{first:.1f} s", first <= 10])
+    cold = st.get("cold compile (first compiled decode step)")
+    if cold is not None:
+        checks.append(["cold compile of the decode step", "<= 60 s", f"{cold:.1f} s", cold <= 60])
+    if not checks:
+        return []
+    return ["Targets (issue 3), as measured in this run:", "",
+            table(["target", "goal", "measured", "met"], [c[:3] + ["yes" if c[3] else "**no**"] for c in checks]), ""]
 
 
 def section_memory(d: dict, img: Path) -> str:
@@ -367,6 +395,15 @@ def section_memory(d: dict, img: Path) -> str:
         body.append([r["table"], r["engine"], what, str(r["prompt"]), str(r.get("chunk") or "–"), mib(r.get("run_peak_rss")),
                      mib(r.get("run_over_base")), mib(r.get("kv_bytes"))])
     out += [table(["table", "engine", "cache", "prompt", "prefill chunk", "run peak MiB", "over base MiB", "KV MiB"], body), ""]
+    chunked = [r for r in rows if r["table"] == "chunked"]
+    for P in dict.fromkeys(r["prompt"] for r in chunked):
+        whole = next((r for r in chunked if r["prompt"] == P and not r.get("chunk")), None)
+        parts = next((r for r in chunked if r["prompt"] == P and r.get("chunk")), None)
+        if whole and parts:
+            out += [f"Chunked prefill, {P}-token prompt, {parts['policy']} at budget {parts['budget']}: peak over base "
+                    f"**{mib(parts['run_over_base'])} MiB** with chunks of {parts['chunk']} against "
+                    f"{mib(whole['run_over_base'])} MiB prefilling the prompt at once "
+                    f"({parts['run_over_base'] / max(whole['run_over_base'], 1):.2f}x).", ""]
     ctx = [r for r in rows if r["table"] == "context"]
     series = {}
     for r in ctx:
@@ -391,9 +428,30 @@ def section_attention(d: dict) -> str:
     body = []
     for ph, B, T in cases:
         vals = [by[(ph, B, T, be, cp)]["ms"] if (ph, B, T, be, cp) in by else None for be, cp in variants]
-        cells = bold_best([f(v, 2) for v in vals], vals, False)
+        cells = bold_best(["–" if v is None else f"{v:.3f}" for v in vals], vals, False)
         body.append([ph, str(B), str(T)] + cells)
     out += [table(["phase", "batch", "tokens"] + [be + (" (compiled)" if cp else "") for be, cp in variants], body)]
+    return "\n".join(out) + notes(d)
+
+
+def section_tp(d: dict) -> str:
+    rows = d["rows"]
+    c = d["config"]
+    out = ["### Tensor parallel (torchrun)", "", provenance(d), "",
+           f"`torchrun --standalone --nproc-per-node N -m tinyengine.tp`: each rank loads only its slices of the "
+           f"safetensors, attention and MLP sharded by heads / columns, an all-reduce after o_proj and down_proj "
+           f"({'gloo' if c.get('device', 'cpu') == 'cpu' else 'nccl'}). Batch 1, prompt {c.get('prompt_tokens')} tokens, "
+           f"{c.get('new_tokens')} new tokens, full cache; {c.get('cpu_count')} CPU cores on the machine.", ""]
+    body = []
+    for model, layout in dict.fromkeys((r.get("model", d["checkpoint"]), r["layout"]) for r in rows):
+        group = [r for r in rows if r.get("model", d["checkpoint"]) == model and r["layout"] == layout]
+        one = next((r["decode_tok_s"] for r in group if r["ranks"] == 1), None)
+        for r in group:
+            body.append([model, layout, str(r["ranks"]), str(r["threads_per_rank"]), f"{r['decode_tok_s']:.1f}",
+                         f"{r['decode_tok_s'] / one:.2f}x" if one else "", f"{r['first_token_s']:.2f}",
+                         mib(r.get("weight_bytes_per_rank")), mib(r.get("kv_bytes_per_rank"))])
+    out += [table(["model", "layout", "ranks", "threads/rank", "decode tok/s", "vs 1 rank", "first token s",
+                   "weights MiB/rank", "KV MiB/rank"], body)]
     return "\n".join(out) + notes(d)
 
 
@@ -416,6 +474,7 @@ def report(folder: Path, markdown: Path) -> str:
              "python bench.py speed              # tok/s vs transformers, bandwidth limit, compile/startup, decode vs context",
              "python bench.py memory             # peak RSS and KV bytes (a subprocess per measurement)",
              "python bench.py attention          # attention backends on this device",
+             "python bench.py tp                 # tensor parallel decode at 1, 2, 3 ranks (torchrun)",
              "python bench.py report             # this file and docs/bench/*.png", "```", ""]
     if not results:
         parts.append("No results yet: run the commands above.")
@@ -427,7 +486,7 @@ def report(folder: Path, markdown: Path) -> str:
         parts += [rel(section_ruler, results["ruler"], cwd_img), ""]
     if "longgen" in results:
         parts += [rel(section_longgen, results["longgen"], cwd_img), ""]
-    if any(s in results for s in ("speed", "memory", "attention")):
+    if any(s in results for s in ("speed", "memory", "attention", "tp")):
         parts += ["## Speed and memory", ""]
     if "speed" in results:
         parts += [rel(section_speed, results["speed"], cwd_img), ""]
@@ -435,6 +494,8 @@ def report(folder: Path, markdown: Path) -> str:
         parts += [rel(section_memory, results["memory"], cwd_img), ""]
     if "attention" in results:
         parts += [section_attention(results["attention"]), ""]
+    if "tp" in results:
+        parts += [section_tp(results["tp"]), ""]
     text = "\n".join(parts).rstrip() + "\n"
     markdown.write_text(text)
     print(f"[report] {', '.join(sorted(results)) or 'no results'} -> {markdown}")

@@ -190,8 +190,8 @@ def time_to_first_output(cmd, env) -> tuple[float, float]:
 def flat_cost_rows(b, args, size, bar, notes) -> list[dict]:
     """Decode tok/s against context length: full holding the whole context, each policy at a fixed
     budget. The prompt is prefilled once per context (recorded) and replayed into each policy's
-    prefill (tinyengine/benchkit.py), so only decode is timed. Eager, as the engine runs on CPU by
-    default; compiled too with --compile (one compile per plan, reused across contexts)."""
+    prefill (tinyengine/benchkit.py), so only decode is timed. In the engine's default mode on the
+    device (eager on CPU, compiled on CUDA); both with --compile-flat (one compile per plan)."""
     from policies import POLICIES
     from policies.base import CachePlan
     from tinyengine.benchkit import PressBank, capacities, drive, hf_continue, make_press, plan_window
@@ -201,18 +201,23 @@ def flat_cost_rows(b, args, size, bar, notes) -> list[dict]:
     contexts = sorted(set(size["contexts"]) | {budget})
     specs = []
     for name in (args.policies or [n for n in POLICIES if n != "full"]):
-        base = name.partition(":")[0]
-        if base.split("+")[0] not in POLICIES:
+        from bench import parse_spec
+
+        parts = parse_spec(name)[0].split("+")
+        if any(p not in POLICIES for p in parts):
             notes.append(f"flat-cost curve: {name} is not registered, skipped")
             continue
-        first = POLICIES[base.split("+")[0]]
+        first = POLICIES[parts[0]]
         if first.has_prefill:
             specs.append((name, {"budget": budget}))
         else:  # decode-only: the prompt would be kept whole; compose it with snapkv to hold `budget` entries
             specs.append((f"snapkv+{name}", {"budget": budget, "decode_budget": 64}))
     plans = {spec: b.plan(spec, **kw) for spec, kw in specs}
     plans = {k: v for k, v in plans.items() if v is not None}
-    modes = ["eager"] + (["compiled"] if args.compile else [])
+    # The engine's default mode on this device (eager on CPU, compiled on CUDA): compiling each of a
+    # dozen plans on 2 CPU cores would take ~20 minutes; --compile-flat adds the other mode.
+    default = "compiled" if torch.device(args.device).type == "cuda" else "eager"
+    modes = ["eager", "compiled"] if args.compile_flat else [default]
     rows = []
     compiled_engines = {}
     for C in contexts:
@@ -364,9 +369,12 @@ def probe(spec: dict) -> dict:
                 with make_press(spec["press"], spec["ratio"])(hf):
                     out = hf(input_ids=torch.tensor(prompt), past_key_values=cache, logits_to_keep=1)
                 layers = [(layer.keys, layer.values) for layer in cache.layers]
+                kv = sum(2 * k.numel() * k.element_size() for k, _ in layers)  # after compression, before decoding
                 hf_continue(hf, layers, len(prompt[0]), [], new, first_logits=out.logits[0, -1])
             else:
-                hf.generate(torch.tensor(prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+                got = hf.generate(torch.tensor(prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                  pad_token_id=0, return_dict_in_generate=True)
+                kv = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in got.past_key_values.layers)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     run_peak = _status("VmHWM") if reset else peak
     return {"peak_rss": peak, "base_rss": base, "run_peak_rss": run_peak, "run_over_base": run_peak - base,
@@ -388,8 +396,9 @@ def memory(args, size: dict, save):
         if args.kvpress and C > budget:
             specs.append(("context", {"engine": "kvpress", "press": "snapkv", "ratio": 1 - budget / C, "prompt": C}))
     big = max(contexts)
-    for chunk in (None, budget):
-        specs.append(("chunked", {"engine": "tinyengine", "policy": policy, "budget": budget, "prompt": big, "chunk": chunk}))
+    for prompt in sorted({min(4096, big), big}):  # issue 4 asks for a 4K prompt at budget 512
+        for chunk in (None, budget):
+            specs.append(("chunked", {"engine": "tinyengine", "policy": policy, "budget": budget, "prompt": prompt, "chunk": chunk}))
     bar = bench.Progress("memory", len(specs), not args.no_progress)
     rows, notes = [], []
     for table, spec in specs:
@@ -404,6 +413,75 @@ def memory(args, size: dict, save):
         bar.done(1)
     bar.close()
     save(args, "memory", rows, notes, {"contexts": contexts, "budget": budget, "policy": policy}, started)
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+
+# A random-weight model of SmolLM2-135M's size whose 12 heads / 6 kv heads split over 1, 2 and 3 ranks
+# (SmolLM2's 9 heads / 3 kv heads split over 1 or 3 only).
+TP_SHAPED = {"architectures": ["LlamaForCausalLM"], "hidden_size": 768, "num_attention_heads": 12,
+             "num_key_value_heads": 6, "head_dim": 64, "intermediate_size": 1536, "num_hidden_layers": 24,
+             "vocab_size": 49152, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
+             "tie_word_embeddings": True}
+
+
+def random_checkpoint(folder: Path, config: dict, seed: int = 0) -> Path:
+    """config.json + model.safetensors with random weights (a shape to time, no tokenizer needed)."""
+    from safetensors.torch import save_file
+
+    from models.llama import ModelArgs, Transformer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.from_hf_config(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def tp_suite(args, size: dict, save):
+    """Decode tok/s at 1, 2 and 3 ranks under torchrun (tinyengine/tp.py), each rank loading its slices.
+
+    Models: --checkpoint at the rank counts its heads divide, and TP_SHAPED (random weights) at
+    all of them. Two thread layouts: one thread per rank (ranks add cores; more ranks than cores
+    oversubscribe), and the machine's cores split between the ranks (every row uses all of them)."""
+    import bench
+    from models.llama import ModelArgs
+    from tinyengine.checkpoint import resolve_checkpoint
+    from tinyengine.tp import tp_decode_tokens_per_s
+    from tinyengine.weights import read_config
+
+    started = time.time()
+    ranks = args.ranks or [1, 2, 3]
+    layouts = [("1 thread per rank", 1), ("cores split between ranks", None)]
+    own = ModelArgs.from_hf_config(read_config(resolve_checkpoint(args.checkpoint, progress=False)))
+    rows, notes = [], []
+    options = {"prompt_tokens": size["speed_prompts"][0], "new_tokens": max(16, size["speed_new"]), "device": args.device}
+    with tempfile.TemporaryDirectory() as tmp:
+        shaped = random_checkpoint(Path(tmp) / "tp-shaped", TP_SHAPED)
+        models = [(args.checkpoint, own), ("random 12 heads / 6 kv heads, 24 layers", ModelArgs.from_hf_config(TP_SHAPED))]
+        runs = []
+        for label, threads in layouts:
+            for name, a in models:
+                for n in ranks:
+                    if a.num_heads % n or a.num_kv_heads % n:
+                        notes.append(f"{name}: {a.num_heads} heads / {a.num_kv_heads} kv heads do not split over {n} ranks")
+                    else:
+                        runs.append((label, threads, name, n))
+        bar = bench.Progress("tp", len(runs), not args.no_progress)
+        for label, threads, name, n in runs:
+            bar.doing(f"{name}: {n} rank(s), {label}")
+            path = str(shaped) if name != args.checkpoint else args.checkpoint
+            try:
+                r = tp_decode_tokens_per_s(path, ranks=(n,), threads_per_rank=threads, **options)[n]
+                rows.append({"table": "tp", "model": name, "layout": label,
+                             "threads_per_rank": threads or max(1, (os.cpu_count() or 1) // n), **r})
+            except Exception as e:  # a failed launch is a finding, reported in the notes
+                notes.append(f"{name}, {n} ranks ({label}) failed: {error_line(e)}")
+            bar.done(1)
+        bar.close()
+    save(args, "tp", rows, notes, {"ranks": ranks, **options, "cpu_count": os.cpu_count()}, started)
 
 
 # ----------------------------------------------------------------------------- attention backends
