@@ -46,3 +46,16 @@ def test_cast_on_load(tmp_path, dtype):
     with torch.no_grad():
         expected = hf(tokens).logits
     torch.testing.assert_close(causal_logits(model, tokens), expected, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_cpu_projections_are_column_major(tmp_path, tied):
+    """tinyengine/weights.py stores decode's matrices column-major on CPU (faster one-row products):
+    same shapes and values as the checkpoint, transposed strides; vectors stay contiguous."""
+    hf = tiny_hf_model("llama", tied)
+    model = load_model(write_tiny_checkpoint(tmp_path, "llama", tied, model=hf))
+    for name, p in model.named_parameters():
+        expected = hf.state_dict()[name]
+        assert torch.equal(p, expected), name
+        column_major = name.endswith("_proj.weight") or name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
+        assert p.stride() == ((1, p.shape[0]) if column_major else expected.contiguous().stride()), name
