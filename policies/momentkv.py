@@ -40,15 +40,21 @@ policies/correction.py implement.
    Alternatives (`mi=`): "value", the attention-weighted relative distance of v_i to the
    summary's prediction, p_i ||v_i - (mu_v + tau C q)|| / rms; "none", the base score alone.
 
-5. Base scorers. Prefill: SnapKV's score (policies/snapkv.py, same window, kernel and pooling
-   options): the window queries' mean attention, pooled, averaged over each kv head's query
-   group; the window's own tokens are protected. With mi="none" momentkv keeps exactly SnapKV's
-   set. MI is added to the unprotected scores. Decode (momentum-style,
+5. Base scorers (the paper leaves the base score open). Prefill: the observation window's
+   mean attention (the last `window` prompt queries, default 512: with prompts up to 512
+   tokens every query votes, i.e. H2O's accumulated attention over the prompt, normalized per
+   query), pooled over `kernel` neighbours (default 1: none), averaged over each kv head's
+   query group. Protected: with `recent` = r >= 0 (default 0.25) the newest floor(r * budget)
+   tokens, at prefill and at every decode step (H2O's recent window); with recent < 0,
+   SnapKV's rule (the window's own tokens at prefill, nothing at decode), and then
+   window=64, kernel=7 and mi="none" keep exactly SnapKV's set (policies/snapkv.py).
+   MI is added to the unprotected scores. Decode (momentum-style,
    Eq. 5 of moment-kv-momentum.txt): s_i <- beta s_i + (1 - beta)(a_i + mi_weight c_i), new
    tokens entering at 0, with a_i the attention of the kv head's query group (`per_kv_head`,
    default; False: all heads of the layer, as Moment-KV). The prompt tokens kept by prefill
    start decode with their prefill score, a per-query attention mean, in the same units (the
-   protected window tokens with the best kept score of their row and head). Because those are
+   protected tokens with the best kept score of their row and head, `carry="best"`, or with
+   their own votes, `carry="own"`). Because those are
    already means while a new token's EMA starts at 0, the ranking uses Adam's bias correction
    s / (1 - beta^age) (`debias`, default on; age = steps since the token entered, prompt
    tokens stationary). Without it a new token scores (1 - beta) a on its first step, ~1/33 of
@@ -60,16 +66,29 @@ policies/correction.py implement.
    Composed, `snapkv+momentkv` freezes snapkv's prompt and manages the generated tokens within
    --decode-budget; `momentkv+momentum` compresses the prompt with MI and decodes with Moment-KV.
 
-7. Measured (SmolLM2-135M, a 512-token prompt from moment-kv-momentum.txt, 48 teacher-forced
-   decode steps, unified budget, mean KL to the full cache; a quick check, the tables are
-   bench.py's). Observation window 64 (kvpress's SnapKV default; SnapKV's paper uses 32):
-       budget 256: evict-only 0.0151, NC 0.0145, MI 0.0093, MI+NC 0.0085  (H2O 0.0105, TOVA 0.025)
-       budget 128: evict-only 0.0707, NC 0.0609, MI 0.0611, MI+NC 0.0504  (H2O 0.085, TOVA 0.156)
-   With window 32: MI+NC 0.027 at 256 and 0.185 at 128, behind H2O; at budget 64 (window 48)
-   MI+NC 0.169 against H2O 0.153. The window's own tokens are kept, so a larger window is also
-   a larger recency window, which this continuation task rewards. NC lowers the per-layer
-   attention error at every budget; its KL gain is small where the evicted keys spread widely
-   (first order in tau q.(k - mu_k), which real keys often exceed).
+7. Measured (SmolLM2-135M; bench.py's quick fidelity task: 2 passages of Python's
+   pydoc_data.topics, 512-token context compressed at prefill to --ratio, 32 reference tokens
+   teacher-forced through decode steps, unified budget, mean KL(full || policy); reproduced
+   with benchkit.drive/compare). Old defaults = SnapKV base (window 64, kernel 7, its window
+   protected, recent=-1); new defaults = window 512, kernel 1, recent 0.25:
+                               ratio 0.5   0.75    0.875
+       seed 0  h2o              0.0109   0.0417
+               snapkv           0.0203   0.0892
+               momentkv old     0.0290   0.2102
+               momentkv new     0.0088   0.0336
+       seed 1  h2o              0.0203   0.0730  0.1994
+               snapkv           0.0095   0.0672  0.1620
+               momentkv old     0.0075   0.0963  1.0960
+               momentkv new     0.0172   0.0690  0.1559
+   Why the old defaults lost: the 64 protected window tokens carried the best score of their
+   row into decode, so at budget 128 they held half the cache for good and evicted prompt
+   heavy hitters and generated tokens instead (seed 0, 0.75: the same prefill with the
+   generated tokens kept, `momentkv+momentum`, 0.076; unified 0.210; carry="own" 0.100).
+   Seed 0, 0.75, new base: recent 0.125/0.25/0.5 -> 0.041/0.034/0.031 (at 0.5: 0.0124/0.0088/0.0091),
+   kernel 7/3/1 -> 0.045/0.040/0.034, mi="none" 0.0344 (MI's gain is small here),
+   mi_weight 2 0.0333, beta 0.99 0.050. Not tuned on seed 1, where snapkv stays ahead at 0.5.
+   1024-token context (seed 0, default window 512): ratio 0.75 momentkv 0.058, h2o 0.091;
+   0.875 momentkv 0.219, h2o 0.180 (behind H2O there; window 1024 not measured).
 
 Ablation (the paper's: NC is worth more than MI, and the two are super-additive), all with the
 same base scorer: options {"mi": "none", "nc": False} evict-only, {"mi": "none"} NC alone,
@@ -82,7 +101,9 @@ import math
 
 import torch
 
-from policies.base import PROTECT, Policy, keep_top
+import torch.nn.functional as F
+
+from policies.base import PROTECT, Policy, keep_top, recent_mask
 from policies.correction import Moments, batch_moments, merge
 from policies.momentum import STATIONARY, momentum_update, received_attention
 from policies.snapkv import snapkv_scores
@@ -147,6 +168,19 @@ def mi_cost(q, allowed, keys, values, current: Moments, reference: Moments, kind
     return cost.view(B, Hq, T, N)
 
 
+def vote_scores(window_probs, pos, kernel: int, pooling: str) -> torch.Tensor:
+    """SnapKV's votes without its window protection: the window queries' mean attention, pooled
+    along the sequence, averaged over each kv head's query group. [B, Hq, W, N] -> [B, Hkv, N]."""
+    B, Hkv, N = pos.shape
+    G = window_probs.shape[1] // Hkv
+    probs = window_probs.float()
+    seen = (probs.sum(-1) > 0).sum(-1, keepdim=True).clamp(min=1)  # the window's real queries (others are zero rows)
+    votes = probs.sum(dim=2) / seen  # mean over the real queries: attention-probability units at any window size
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+    votes = pool(votes, kernel, stride=1, padding=kernel // 2)
+    return votes.view(B, Hkv, G, N).mean(dim=2)
+
+
 class MomentKV(Policy):
     name = "momentkv"
     description = "MomentKV: moments of the evicted set steer eviction (MI) and correct attention (NC)"
@@ -154,8 +188,8 @@ class MomentKV(Policy):
     has_decode = True
     needs_probs = True
     needs_query = True  # the engine passes queries, the cache/candidates and the moments
-    window = 64  # prefill observation window (queries): kvpress's SnapKV default (docstring, 7)
-    kernel = 7  # pooling width over neighbouring slots (odd), as snapkv
+    window = 512  # prefill observation window (queries): at least the prompt, so every prompt query votes (docstring, 5)
+    kernel = 1  # pooling width over neighbouring slots (odd); 1: no pooling (SnapKV's is 7)
     pooling = "max"  # as snapkv: max or avg
     beta = 0.97  # decode momentum
     mi = "nc"  # moment-informed score: nc | value | none
@@ -163,6 +197,8 @@ class MomentKV(Policy):
     nc = True  # attach the NC correction (False: MI alone)
     per_kv_head = True  # decode attention averaged per GQA group (False: all query heads)
     debias = True  # rank by s / (1 - beta^age): new tokens compete with the prompt's stationary scores
+    recent = 0.25  # newest tokens protected, a fraction of the budget (H2O's recent window); < 0: SnapKV's window
+    carry = "best"  # decode start score of protected prompt tokens: best (kept score of their row) | own (their votes)
 
     def needs_moments(self) -> bool:  # a method, so it is not a --policy-arg option
         return self.mi != "none"
@@ -175,8 +211,14 @@ class MomentKV(Policy):
                              f"(got window={self.window}, kernel={self.kernel}, pooling={self.pooling!r})")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"momentkv: beta must be in [0, 1) (got {self.beta})")
+        if self.recent >= 1.0:
+            raise ValueError(f"momentkv: recent is a fraction of the budget, < 1 (got {self.recent}; < 0: the window)")
+        if self.carry not in ("best", "own"):
+            raise ValueError(f"momentkv: carry must be best or own (got {self.carry!r})")
 
     def check_budget(self, budget: int):
+        if self.recent >= 0:
+            return Policy.check_budget(self, budget)
         if budget < self.window + 1:
             raise ValueError(f"momentkv keeps its prefill observation window of {self.window} tokens: --budget must be "
                              f"at least window + 1 = {self.window + 1} (got {budget}); or lower it with --policy-arg window=N")
@@ -184,8 +226,23 @@ class MomentKV(Policy):
     def check_decode_budget(self, decode_budget: int):  # composed (snapkv+momentkv): no window to hold
         Policy.check_budget(self, decode_budget)
 
+    _keep_recent = None  # set by start: the recent window's size at prefill and at decode, [B]
+    _raw = _cand = ()  # per layer: unprotected scores of the candidates (prefill_scores) and of the kept (on_select)
+
+    def start(self, keep, pool_budget):
+        self._keep_recent = (keep.double() * self.recent).floor().long() if self.recent >= 0 else None
+        if self.recent >= 0:  # a buffer, so the compiled decode step reads it without recompiling
+            self.pool_recent.copy_((pool_budget.double().clamp(max=2**40) * self.recent).floor().long())
+        self._raw = [None] * self.scores.shape[0]
+        self._cand = [None] * self.scores.shape[0]
+
+    def on_select(self, layer, idx, keep):
+        if len(self._cand) > layer and self._cand[layer] is not None:
+            self._raw[layer] = self._cand[layer].gather(-1, idx)
+
     def allocate(self, num_layers, batch, kv_heads, capacity, device):
         self.register_buffer("scores", torch.zeros(num_layers, batch, kv_heads, capacity, device=device), persistent=False)
+        self.register_buffer("pool_recent", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("age", torch.zeros(num_layers, batch, kv_heads, capacity if self.debias else 0, device=device),
                              persistent=False)
 
@@ -196,11 +253,21 @@ class MomentKV(Policy):
         if kept_scores is not None:  # unified: prompt tokens start decode with their prefill score
             kept_scores = torch.where(kept_scores.isfinite(), kept_scores, 0.0)[..., : s.shape[-1]]
             protected = kept_scores >= PROTECT
-            best = torch.where(protected, 0.0, kept_scores).amax(-1, keepdim=True)
-            s[..., : kept_scores.shape[-1]] = torch.where(protected, best, kept_scores)
+            if self.carry == "own" and len(self._raw) > layer and self._raw[layer] is not None:
+                own = self._raw[layer][..., : s.shape[-1]]
+                s[..., : kept_scores.shape[-1]] = torch.where(protected, own, kept_scores)
+            else:
+                best = torch.where(protected, 0.0, kept_scores).amax(-1, keepdim=True)
+                s[..., : kept_scores.shape[-1]] = torch.where(protected, best, kept_scores)
 
     def prefill_scores(self, layer, keys, values, pos, window_probs, window=None, keep=None, moments=None):
-        base = snapkv_scores(window_probs, pos, self.window, self.kernel, self.pooling)
+        if self.recent >= 0:
+            raw = vote_scores(window_probs, pos, self.kernel, self.pooling)
+            base = raw.masked_fill(recent_mask(pos, self._keep_recent), PROTECT)
+        else:
+            base = snapkv_scores(window_probs, pos, self.window, self.kernel, self.pooling)
+            raw = vote_scores(window_probs, pos, self.kernel, self.pooling)
+        self._cand[layer] = raw
         if self.mi == "none" or moments is None:
             return base
         qw, qpos, ok = window
@@ -210,8 +277,10 @@ class MomentKV(Policy):
         dropped = (pos >= 0) & ~torch.zeros_like(pos, dtype=torch.bool).scatter(2, idx, kept)
         reference = merge(current, batch_moments(keys, values, dropped))
         allowed = slot_mask(qpos, pos) & ok[:, None, :, None]
-        cost = mi_cost(qw, allowed, keys, values, current, reference, self.mi).mean(2)  # over the window, as the votes
+        cost = mi_cost(qw, allowed, keys, values, current, reference, self.mi).sum(2)  # mean over the window's
+        cost = cost / ok.sum(-1).clamp(min=1)[:, None, None]  # real queries, as the votes
         cost = cost.view(B, Hkv, -1, N).mean(2)
+        self._cand[layer] = raw + self.mi_weight * cost
         return torch.where(base >= PROTECT, base, base + self.mi_weight * cost)
 
     def decode_scores(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None):
@@ -230,4 +299,7 @@ class MomentKV(Policy):
             a = a + self.mi_weight * cost
         s = self.scores[layer][..., : pos.shape[-1]]  # a layer's cache may be smaller (per-layer budgets)
         age = self.age[layer][..., : pos.shape[-1]] if self.debias else None
-        return momentum_update(s, a, written, self.beta, True, age)
+        scores = momentum_update(s, a, written, self.beta, True, age)
+        if self.recent >= 0:
+            scores = scores.masked_fill(recent_mask(pos, self.pool_recent), PROTECT)
+        return scores

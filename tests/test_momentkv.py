@@ -15,7 +15,8 @@ from tinyengine.errors import TinyEngineError
 
 from test_engine import prompts_of, tiny_pair
 
-W = {"window": "16"}  # a small observation window for the tiny prompts (momentkv's default is 64)
+W = {"window": "16"}  # a small observation window for the tiny prompts (momentkv's default is 512)
+SNAP = {**W, "recent": "-1", "kernel": "7"}  # SnapKV's base: its window protected, its pooling
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +264,12 @@ def test_plans_and_errors():
     with pytest.raises(ValueError, match="unknown mi"):
         make_plan("momentkv", budget=128, options={"mi": "psychic"})
     with pytest.raises(ValueError, match="window"):
-        make_plan("momentkv", budget=64)  # the default window 64 needs 65
+        make_plan("momentkv", budget=64, options={"window": 64, "recent": -1})  # SnapKV's window 64 needs 65
+    make_plan("momentkv", budget=64)  # the default protects a recent fraction of the budget, not the window
+    with pytest.raises(ValueError, match="carry"):
+        make_plan("momentkv", budget=128, options={"carry": "all"})
+    with pytest.raises(ValueError, match="recent"):
+        make_plan("momentkv", budget=128, options={"recent": 1.0})
 
 
 def layer0_kv(model, tokens):
@@ -321,18 +327,44 @@ def test_momentkv_without_mi_and_nc_keeps_snapkvs_prompt(model):
     prompts = prompts_of([80, 50])
     for chunk in (None, 32):
         snap = Engine(model, make_plan("snapkv", budget=40, options=W), prefill_chunk=chunk)
-        mkv = Engine(model, make_plan("momentkv", budget=40, options={**W, **ABLATION["evict-only"]}), prefill_chunk=chunk)
+        mkv = Engine(model, make_plan("momentkv", budget=40, options={**SNAP, **ABLATION["evict-only"]}), prefill_chunk=chunk)
         for e in (snap, mkv):
             e.generate(prompts, 1)
         for a, b in zip(snap.caches, mkv.caches):
             assert torch.equal(a.pos.sort(-1).values, b.pos[..., : a.pos.shape[-1]].sort(-1).values)
 
 
+def test_all_query_base_with_h2os_recent_window_keeps_h2os_prompt(model):
+    """window >= the prompt, no pooling, recent=0.5, without MI: every prompt query votes, so the
+    ranking is H2O's accumulated attention and the protected window H2O's: the same prompt set."""
+    prompts = prompts_of([80, 50])
+    h2o = Engine(model, make_plan("h2o", budget=40))
+    mkv = Engine(model, make_plan("momentkv", budget=40, options={"window": 128, "kernel": 1, "recent": 0.5,
+                                                                 **ABLATION["evict-only"]}))
+    for e in (h2o, mkv):
+        e.generate(prompts, 1)
+    for a, b in zip(h2o.caches, mkv.caches):
+        assert torch.equal(a.pos.sort(-1).values, b.pos[..., : a.pos.shape[-1]].sort(-1).values)
+
+
+def test_recent_window_survives_decode(model):
+    """recent=r: the newest floor(r * budget) tokens are never evicted, at prefill or decode."""
+    prompts = prompts_of([90, 41])
+    e = Engine(model, make_plan("momentkv", budget=40, options={**W, "recent": 0.5}))
+    out = e.generate(prompts, 25)
+    for c in e.caches:
+        for row, p in enumerate(prompts):
+            newest = len(p) + len(out[row]) - 2  # the last sampled token is never written
+            held = c.pos[row]
+            for h in range(held.shape[0]):
+                assert set(range(newest - 19, newest + 1)) <= set(held[h].tolist())
+
+
 def test_mi_changes_the_prompt_selection(model):
     """MI re-ranks: with the same base scorer, some kept entries differ from SnapKV's."""
     prompts = prompts_of([120])
-    snap = Engine(model, make_plan("momentkv", budget=40, options={**W, **ABLATION["evict-only"]}))
-    mi = Engine(model, make_plan("momentkv", budget=40, options={**W, "mi_weight": 5.0}))
+    snap = Engine(model, make_plan("momentkv", budget=40, options={**SNAP, **ABLATION["evict-only"]}))
+    mi = Engine(model, make_plan("momentkv", budget=40, options={**SNAP, "mi_weight": 5.0}))
     for e in (snap, mi):
         e.generate(prompts, 1)
     assert any(not torch.equal(a.pos.sort(-1).values, b.pos.sort(-1).values) for a, b in zip(snap.caches, mi.caches))
@@ -349,7 +381,7 @@ def test_counting_moments_in_the_budget(model):
     policy_bytes = sum(b.numel() * b.element_size() for p in plan.policies() for b in p.buffers())
     assert e.state_bytes() - policy_bytes == a.num_layers * a.num_kv_heads * moment_floats(a.head_dim) * 4
     with pytest.raises(TinyEngineError, match="moments take"):
-        Engine(model, make_plan("momentkv", budget=24, options={**W, "count_moments_in_budget": "1"}))  # 15 < window + 1
+        Engine(model, make_plan("momentkv", budget=24, options={**SNAP, "count_moments_in_budget": "1"}))  # 15 < window + 1
 
 
 def test_compiled_momentkv_equals_eager_without_recompiles():
