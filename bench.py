@@ -36,8 +36,8 @@ SIZES = {
                   ruler_tasks=["niah_single", "niah_multikey"], ruler_n=1, lg_questions=4,
                   lg_tokens=96, decode_budgets=[32, 64], group_tokens=8192,
                   contexts=[512, 1024], speed_prompts=[128, 1024], speed_batches=[1, 8], speed_new=16, budget=256),
-    "default": dict(fid_n=4, fid_ctx=1024, fid_cont=128, ratios=[0.5, 0.75, 0.875], ruler_lengths=[1024, 2048, 4096],
-                    ruler_tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt"], ruler_n=2, lg_questions=64,
+    "default": dict(fid_n=2, fid_ctx=1024, fid_cont=128, ratios=[0.5, 0.75, 0.875], ruler_lengths=[1024, 2048, 4096],
+                    ruler_tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt"], ruler_n=1, lg_questions=64,
                     lg_tokens=2048, decode_budgets=[128, 256, 512], group_tokens=16384,
                     contexts=[1024, 2048, 4096, 8000], speed_prompts=[128, 1024, 4096], speed_batches=[1, 8],
                     speed_new=32, budget=1024),
@@ -647,6 +647,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="speed: include compiled decode")
     p.add_argument("--compile-flat", action="store_true",
                    help="speed: decode-vs-context curve in both modes (default: the engine's default mode on the device)")
+    p.add_argument("--parts", type=_list(str), help="speed: table,startup,flat (default: all three; flat is saved as suite flatcost)")
     p.add_argument("--ranks", type=_list(int), help="tp: numbers of ranks (default 1,2,3)")
     p.add_argument("--exact-prefill", action="store_true",
                    help="prefill every policy for real instead of replaying the recorded full prefill (slower; same numbers)")

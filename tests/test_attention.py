@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tinyengine.attention import attention, reference_attention, slot_mask
+from tinyengine.attention import PAD_QUERY_POS, attention, causal_attention, reference_attention, slot_mask
 
 
 def random_case(B=2, Hq=6, Hkv=2, T=5, S=37, D=16, seed=0, bias=False):
@@ -63,6 +63,23 @@ def test_causal_prefill_equals_sdpa_is_causal():
     pos = torch.arange(T)[None]
     ours = attention(q, k, v, pos, pos[:, None].expand(B, H, T), backend="flex")
     torch.testing.assert_close(ours, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-5, rtol=2e-5)
+
+
+def test_causal_fast_path_equals_the_slot_rule_for_real_queries():
+    """The engine's first prefill chunk (tinyengine/engine.py) uses SDPA's causal kernel: with right
+    padding and GQA it equals the slot rule on every real query."""
+    B, Hq, Hkv, T, D = 3, 6, 2, 11, 8
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    lengths = torch.tensor([11, 7, 1])
+    idx = torch.arange(T).expand(B, -1)
+    real = idx < lengths[:, None]
+    q_pos, kv_pos = torch.where(real, idx, PAD_QUERY_POS), torch.where(real, idx, -1)[:, None].expand(-1, Hkv, -1)
+    expected = reference_attention(q, k, v, q_pos, kv_pos)[0]
+    got = causal_attention(q, k, v)
+    mask = real[:, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[1, :, 8], expected[1, :, 8])  # padded queries differ, and are never used
 
 
 def test_unknown_backend():

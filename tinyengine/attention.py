@@ -66,6 +66,14 @@ def sdpa_attention(q, k, v, q_pos, kv_pos, kv_bias=None):
     return out.reshape(B, Hq, T, D)
 
 
+def causal_attention(q, k, v):
+    """The first prefill chunk into an empty cache: slots hold positions 0..T-1 in order, so the
+    slot rule is the plain causal mask and SDPA's causal kernel applies (6x faster than a boolean
+    mask at 4K tokens on CPU, bench.py speed). Right padding keeps it exact for real queries:
+    their keys are all real; padded queries see padded keys, and their outputs are never used."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def flex_attention_slots(q, k, v, q_pos, kv_pos, kv_bias=None):
     B, Hq, T, D = q.shape
     S = k.shape[2]

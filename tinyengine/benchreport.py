@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 SIZE_RANK = {"large": 3, "default": 2, "quick": 1, "smoke": 0}
-SUITES = ("fidelity", "ruler", "longgen", "speed", "memory", "attention", "tp")
+SUITES = ("fidelity", "ruler", "longgen", "speed", "flatcost", "memory", "attention", "tp")
 
 
 def load_results(folder: Path) -> dict:
@@ -21,12 +21,15 @@ def load_results(folder: Path) -> dict:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        suite = data.get("suite")
-        if suite not in SUITES:
-            continue
-        key = (SIZE_RANK.get(data.get("size"), -1), data.get("date", ""))
-        if suite not in best or key > best[suite][0]:
-            best[suite] = (key, data, path.name)
+        suites = [data.get("suite")]
+        if suites[0] == "speed" and any(r.get("table") == "context" for r in data.get("rows", [])):
+            suites.append("flatcost")  # an older run holding both parts
+        for suite in suites:
+            if suite not in SUITES or (suite == "speed" and not any(r.get("table") == "speed" for r in data.get("rows", []))):
+                continue
+            key = (SIZE_RANK.get(data.get("size"), -1), data.get("date", ""))
+            if suite not in best or key > best[suite][0]:
+                best[suite] = (key, data, path.name)
     return {s: dict(d, _file=name) for s, (_, d, name) in best.items()}
 
 
@@ -320,10 +323,16 @@ def section_speed(d: dict, img: Path) -> str:
     if st:
         out += ["Startup (subprocesses; warm = second run, OS file cache and inductor cache warm):", "",
                 table(["what", "seconds"], [[r["what"], f(r["seconds"], 2)] for r in st]), ""]
-    ctx = [r for r in rows if r["table"] == "context"]
+    return "\n".join(out) + notes(d)
+
+
+def section_flatcost(d: dict, img: Path) -> str:
+    """The decode-vs-context rows (suite "flatcost", or the context rows of an older combined speed run)."""
+    ctx = [r for r in d["rows"] if r["table"] == "context"]
+    out = []
     if ctx:
         budget = next((r["budget"] for r in ctx if r.get("budget")), None)
-        out += [f"### Decode speed against context length (policies at budget {budget})", "",
+        out += [f"### Decode speed against context length (policies at budget {budget})", "", provenance(d), "",
                 "The cost of a decode step follows the cache a policy holds, not the context: full holds the whole "
                 f"context, every policy {budget} entries per kv head. `vs full` compares each policy with full holding "
                 f"the same {budget} tokens (context {budget}): the policy's own overhead. transformers and kvpress "
@@ -486,10 +495,12 @@ def report(folder: Path, markdown: Path) -> str:
         parts += [rel(section_ruler, results["ruler"], cwd_img), ""]
     if "longgen" in results:
         parts += [rel(section_longgen, results["longgen"], cwd_img), ""]
-    if any(s in results for s in ("speed", "memory", "attention", "tp")):
+    if any(s in results for s in ("speed", "flatcost", "memory", "attention", "tp")):
         parts += ["## Speed and memory", ""]
     if "speed" in results:
         parts += [rel(section_speed, results["speed"], cwd_img), ""]
+    if "flatcost" in results:
+        parts += [rel(section_flatcost, results["flatcost"], cwd_img), ""]
     if "memory" in results:
         parts += [rel(section_memory, results["memory"], cwd_img), ""]
     if "attention" in results:

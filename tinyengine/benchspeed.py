@@ -92,17 +92,34 @@ def ours_speed(model, prompts, new: int, compiled: bool, plan=None) -> dict:
             "state_bytes": engine.state_bytes()}
 
 
+class _Stamps:
+    """A generate() streamer that only records when each step's tokens arrive (the prompt first)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 def hf_speed(hf, prompts, new: int) -> dict:
-    """transformers' generate: prefill from a 1-token generate, decode from the difference to `new` tokens."""
+    """transformers' generate, timed from inside its loop: prefill = start to the first new token,
+    decode = the `new` steps after it (as ours: the first step is not counted)."""
     ids = torch.tensor(prompts, device=hf.device)
     kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.inference_mode():
         hf.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-        t1, _ = timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw))
-        tn, _ = timed(lambda: hf.generate(ids, max_new_tokens=new + 1, min_new_tokens=new + 1, **kw))
+        stamps = _Stamps()
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=new + 2, min_new_tokens=new + 2, streamer=stamps, **kw)
+    first, steps = stamps.times[1], stamps.times[2:]  # times[0]: the prompt, put before prefill
     B = len(prompts)
-    return {"prefill_tok_s": B * ids.shape[1] / t1, "decode_tok_s": B * new / max(tn - t1, 1e-9),
-            "decode_step_ms": 1000 * (tn - t1) / new}
+    t_decode = steps[-1] - steps[0]
+    return {"prefill_tok_s": B * ids.shape[1] / (first - t0), "decode_tok_s": B * (len(steps) - 1) / t_decode,
+            "decode_step_ms": 1000 * t_decode / (len(steps) - 1)}
 
 
 def speed(args, size: dict, save):
@@ -126,6 +143,9 @@ def speed(args, size: dict, save):
         except Exception as e:  # transformers missing: say so
             notes.append(f"transformers unavailable, its rows are missing: {e}")
     contexts = sorted(set(size["contexts"]) | {size["budget"]})
+    parts = args.parts or ["table", "startup", "flat"]
+    if "table" not in parts:
+        configs = []
     bar = bench.Progress("speed", len(configs) * (len(modes) + 1) + 4 + len(contexts) * 3, not args.no_progress)
     new = size["speed_new"]
     for P, B in configs:
@@ -142,12 +162,18 @@ def speed(args, size: dict, save):
             rows.append({"table": "speed", "engine": "transformers", "mode": "eager", "prompt": P, "batch": B, **r,
                          "bandwidth_fraction": r["decode_tok_s"] / B / limit if B == 1 else None})
         bar.done(1)
-    bar.doing("cold compile (fresh inductor cache, subprocess)")
-    rows += startup_rows(args, notes)
+    if "startup" in parts:
+        bar.doing("cold compile (fresh inductor cache, subprocess)")
+        rows += startup_rows(args, notes)
     bar.done(4)
-    rows += flat_cost_rows(b, args, size, bar, notes)
+    config = {k: size[k] for k in ("speed_prompts", "speed_batches", "speed_new", "contexts", "budget")}
+    if "table" in parts or "startup" in parts:
+        save(args, "speed", rows, notes + b.notes, config, started)
+    if "flat" in parts:  # its own result file (suite "flatcost"), so the parts can be rerun apart
+        started, notes = time.time(), []
+        rows = flat_cost_rows(b, args, size, bar, notes)
+        save(args, "flatcost", rows, notes + b.notes, config, started)
     bar.close()
-    save(args, "speed", rows, notes + b.notes, {k: size[k] for k in ("speed_prompts", "speed_batches", "speed_new", "contexts", "budget")}, started)
 
 
 def startup_rows(args, notes) -> list[dict]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from policies.base import CachePlan, choose_victim, keep_top
-from tinyengine.attention import PAD_QUERY_POS, attention, reference_attention
+from tinyengine.attention import PAD_QUERY_POS, attention, causal_attention, reference_attention
 from tinyengine.cache import KVCache, first_free_slot
 from tinyengine.errors import TinyEngineError
 
@@ -169,6 +169,8 @@ class Engine:
                 if n + T > cache.capacity:
                     raise TinyEngineError(f"prompt needs {n + T} cache slots but the cache holds {cache.capacity}")
                 cache.k[:, :, n:n + T], cache.v[:, :, n:n + T], cache.pos[:, :, n:n + T] = k, v, pos
+                if n == 0 and self.prefill_backend == "sdpa":
+                    return causal_attention(q, k, v)
                 return attention(q, cache.k[:, :, :n + T], cache.v[:, :, :n + T], q_pos,
                                  cache.pos[:, :, :n + T], backend=self.prefill_backend)
             keys = torch.cat([cache.k[:, :, :n], k], dim=2)
@@ -176,6 +178,8 @@ class Engine:
             kpos = torch.cat([cache.pos[:, :, :n], pos], dim=2)
             if plan.correction is not None and plan.correction.apply_nc and c0 > 0:  # earlier chunks evicted
                 out = plan.correction.attention(layer, q, keys, values, q_pos, kpos, self.prefill_backend, False)[0]
+            elif n == 0 and self.prefill_backend == "sdpa":  # first chunk: plain causal
+                out = causal_attention(q, k, v)
             else:
                 out = attention(q, keys, values, q_pos, kpos, backend=self.prefill_backend)
             window_probs, extra = None, {}
