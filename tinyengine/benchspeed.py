@@ -524,7 +524,7 @@ def attention_suite(args, size: dict, save):
     """Prefill and decode attention per backend at the model's head shapes (random inputs)."""
     import bench
     from models.llama import ModelArgs
-    from tinyengine.attention import attention
+    from tinyengine.attention import attention, causal_attention
     from tinyengine.checkpoint import resolve_checkpoint
     from tinyengine.weights import read_config
 
@@ -533,7 +533,7 @@ def attention_suite(args, size: dict, save):
     dev = torch.device(args.device)
     prefill_T = [T for T in size["speed_prompts"] if T >= 64] or [128]
     decode_S = size["contexts"]
-    backends = ["reference", "sdpa", "flex"]
+    backends = ["reference", "sdpa", "flex", "sdpa-causal"]  # sdpa-causal: the first prefill chunk's kernel
     cases = [("prefill", 1, T) for T in prefill_T] + [("decode", B, S) for S in decode_S for B in size["speed_batches"]]
     bar = bench.Progress("attention", len(cases) * len(backends), not args.no_progress)
     rows, notes = [], []
@@ -547,10 +547,16 @@ def attention_suite(args, size: dict, save):
         q_pos = (torch.arange(Tq, device=dev) + (T - Tq)).expand(B, Tq).contiguous()
         ref = attention(q, k, v, q_pos, kv_pos, backend="reference")
         for backend in backends:
+            if backend == "sdpa-causal" and phase != "prefill":
+                continue
             bar.doing(f"{phase} {backend} B={B} T={T}")
             for compiled in ((False, True) if phase == "decode" else (False,)):
-                fn = lambda: attention(q, k, v, q_pos, kv_pos, backend=backend)  # noqa: E731
+                if backend == "sdpa-causal":
+                    fn = lambda: causal_attention(q, k, v)  # noqa: E731
+                else:
+                    fn = lambda: attention(q, k, v, q_pos, kv_pos, backend=backend)  # noqa: E731
                 if compiled:
+                    torch._dynamo.reset()  # each case is a new function: do not run into the recompile limit
                     fn = torch.compile(fn, fullgraph=True, dynamic=False)
                 try:
                     t0 = time.perf_counter()
