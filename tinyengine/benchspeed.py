@@ -226,9 +226,9 @@ def flat_cost_rows(b, args, size, bar, notes) -> list[dict]:
     budget, new = size["budget"], max(8, size["speed_new"])
     contexts = sorted(set(size["contexts"]) | {budget})
     specs = []
-    for name in (args.policies or [n for n in POLICIES if n != "full"]):
-        from bench import parse_spec
+    from bench import parse_spec
 
+    for name in (args.policies or [n for n in POLICIES if n != "full"]):
         parts = parse_spec(name)[0].split("+")
         if any(p not in POLICIES for p in parts):
             notes.append(f"flat-cost curve: {name} is not registered, skipped")
@@ -501,8 +501,7 @@ def tp_suite(args, size: dict, save):
             path = str(shaped) if name != args.checkpoint else args.checkpoint
             try:
                 r = tp_decode_tokens_per_s(path, ranks=(n,), threads_per_rank=threads, **options)[n]
-                rows.append({"table": "tp", "model": name, "layout": label,
-                             "threads_per_rank": threads or max(1, (os.cpu_count() or 1) // n), **r})
+                rows.append({"table": "tp", "model": name, "layout": label, **r})
             except Exception as e:  # a failed launch is a finding, reported in the notes
                 notes.append(f"{name}, {n} ranks ({label}) failed: {error_line(e)}")
             bar.done(1)

@@ -266,7 +266,7 @@ def tp_decode_tokens_per_s(checkpoint: str, ranks=(1, 2, 3), threads_per_rank: i
             errors = [line for line in run.stderr.splitlines() if "Error" in line or "error:" in line]
             raise TinyEngineError(f"torchrun with {n} ranks failed (exit {run.returncode}): "
                                   f"{(errors or ['(no error line)'])[-1].strip()}")
-        results[n] = json.loads(lines[-1])
+        results[n] = {**json.loads(lines[-1]), "threads_per_rank": threads}
     return results
 
 

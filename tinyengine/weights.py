@@ -118,9 +118,8 @@ def column_major(name: str, args: ModelArgs, device: torch.device) -> bool:
 
     On CPU, F.linear(x, W) for one row x (batch-1 decode) runs ~1.5x faster when W [out, in] is
     stored column-major (W = W_t.t() with W_t [in, out] contiguous): the kernel then streams W_t
-    row by row (SmolLM2's shapes on 2 cores: 24 GB/s against 15 GB/s, bench.py speed). Shapes
-    and names stay those of the checkpoint; only the strides change. Larger batches run at about
-    the same speed either way (8 rows: up to 20% slower; prefill: the same)."""
+    row by row (the eager batch-1 decode rows of `bench.py speed`). Shapes and names stay those
+    of the checkpoint; only the strides change. Larger batches run at about the same speed."""
     if device.type != "cpu":
         return False
     return name.endswith("_proj.weight") or name == "lm_head.weight" or (
