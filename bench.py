@@ -48,7 +48,15 @@ SIZES = {
                   speed_new=64, budget=1024),
 }
 RULER_RATIOS_DEFAULT = [0.5, 0.75]  # RULER runs fewer ratios than fidelity (its decode is the costly part)
-DECODE_POLICIES = ["momentum", "scope", "h2o", "streamingllm", "tova"]  # long generation (issue 5 part C)
+# momentkv's default base (every prompt query votes, policies/momentkv.py section 5) is tuned for fidelity; RULER also
+# runs it on SnapKV's base (the last 32 queries vote, pooled over 7), to show what MI + NC add to retrieval there.
+RULER_EXTRA = ["momentkv{recent=-1;window=32;kernel=7}"]
+# kvpress's presses compress the prompt only and keep every generated token; unified momentkv keeps its budget in
+# total. The prefill-only row is momentkv at kvpress's parity.
+FIDELITY_EXTRA = ["momentkv{prefill_only=1}"]
+# Long generation (issue 5 part C). momentum{debias=1} is the finding of that suite: with the paper's rule a
+# fresh token competes with (1 - beta) times its self-attention and is evicted at once (policies/momentum.py).
+DECODE_POLICIES = ["momentum", "momentum{debias=1}", "scope", "h2o", "streamingllm", "tova"]
 # scope keeps a recent window of 256 generated tokens, more than small decode budgets hold: when it does not fit,
 # its window is half the smallest decode budget of the run, the same at every budget so that they share one batch.
 RETRY_OPTIONS = {"scope": lambda budgets: {"recent": min(budgets) // 2}}
@@ -258,7 +266,7 @@ def suite_fidelity(b: Bench, size: dict) -> list[dict]:
     cont = torch.tensor([x for _, x in samples])
     ratios = args.ratios or size["ratios"]
     configs = []  # (table, method, ratio, plan factory)
-    for spec in b.prefill_policies():
+    for spec in b.prefill_policies() + ([] if args.policies else FIDELITY_EXTRA):
         for r in ratios:
             configs.append(("fidelity", spec, r, plan_factory(b, spec, r, size["fid_ctx"])))
     try:
@@ -410,7 +418,8 @@ def suite_ruler(b: Bench, size: dict) -> list[dict]:
     segs = [chat_segments(b.tokenizer, s, args.question_aware) for s in samples]
     ratios = args.ratios or ([r for r in size["ratios"] if r in RULER_RATIOS_DEFAULT] or size["ratios"])
     ctx_len = len(segs[0][0])
-    plans = [(spec, r, b.plan(spec, **budget_kw(args, r, ctx_len))) for spec in b.prefill_policies() for r in ratios]
+    specs = b.prefill_policies() + ([] if args.policies else RULER_EXTRA)
+    plans = [(spec, r, b.plan(spec, **budget_kw(args, r, ctx_len))) for spec in specs for r in ratios]
     plans = [p for p in plans if p[2] is not None]  # (spec, ratio, a plan, for the window it needs)
     # Groups of rows of one length, at most group_tokens prompt tokens each (the recorded prefill lives in memory).
     groups = []
@@ -515,8 +524,8 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
     prompt = chat_ids(b.tokenizer, sample.prompt)
     n = args.gen_tokens or size["lg_tokens"]
     budgets = args.decode_budgets or size["decode_budgets"]
-    names = [p for p in (args.decode_policies or DECODE_POLICIES) if p in POLICIES]
-    missing = [p for p in (args.decode_policies or DECODE_POLICIES) if p not in POLICIES]
+    names = [p for p in (args.decode_policies or DECODE_POLICIES) if parse_spec(p)[0] in POLICIES]
+    missing = [p for p in (args.decode_policies or DECODE_POLICIES) if parse_spec(p)[0] not in POLICIES]
     if missing:
         b.notes.append(f"decode-time policies not registered here, skipped: {', '.join(missing)}")
     ban = b.tokenizer.stop_token_ids
@@ -564,11 +573,12 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
     return rows
 
 
-def decode_plan(b: Bench, name: str, prompt_len: int, db: int, budgets: list[int]):
+def decode_plan(b: Bench, spec: str, prompt_len: int, db: int, budgets: list[int]):
     """The plan that holds `db` generated tokens: a decode pool for decode-only / separate-pool
-    policies, total capacity prompt + db for unified ones."""
+    policies, total capacity prompt + db for unified ones. `spec` may carry options: "name{k=v}"."""
     from policies import POLICIES, make_plan
 
+    name, options, correction = parse_spec(spec)
     cls = POLICIES[name]
     unified = cls.has_prefill and cls.has_decode and not getattr(cls, "separate_pools", False)
     kw = {"budget": prompt_len + db} if unified else {"decode_budget": db}
@@ -576,16 +586,16 @@ def decode_plan(b: Bench, name: str, prompt_len: int, db: int, budgets: list[int
     if name in RETRY_OPTIONS:
         try:
             for other in budgets:  # the default options must fit every budget of the run
-                make_plan(name, **({"budget": prompt_len + other} if unified else {"decode_budget": other}))
+                make_plan(name, **({"budget": prompt_len + other} if unified else {"decode_budget": other}), options=options)
         except ValueError:
-            options = RETRY_OPTIONS[name](budgets)
-            b.notes.append(f"{name} runs with {', '.join(f'{k}={v}' for k, v in options.items())} "
+            retry = RETRY_OPTIONS[name](budgets)
+            b.notes.append(f"{spec} runs with {', '.join(f'{k}={v}' for k, v in retry.items())} "
                            f"(its default does not fit decode budget {min(budgets)})")
-            kw["options"] = options
+            options = {**options, **retry}
     try:
-        return make_plan(name, **kw), parity
+        return make_plan(name, **kw, options=options, correction=correction), parity
     except ValueError as e:
-        b.notes.append(f"{name} skipped at decode budget {db}: {e}")
+        b.notes.append(f"{spec} skipped at decode budget {db}: {e}")
         return None, None
 
 

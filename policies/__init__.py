@@ -43,13 +43,21 @@ def make_plan(spec: str = "full", budget: int | None = None, ratio: float | None
     correction: "nc" attaches MomentKV's normalization correction (policies/correction.py) to
     any evicting plan; "none" turns it off (momentkv then runs MI alone); None is the policies'
     default (NC for momentkv). Option count_moments_in_budget=1 charges the moments' memory to
-    the budget (the engine converts it to slots, CachePlan.reserve).
+    the budget (the engine converts it to slots, CachePlan.reserve). Option prefill_only=1 runs
+    a unified policy's prefill part alone: the prompt is compressed and the generated tokens are
+    all kept, as kvpress's presses do (the parity rows of bench.py's fidelity suite).
     """
     if correction not in (None, "nc", "none"):
         raise ValueError(f"unknown correction {correction!r}; choose from: nc, none")
     options = dict(options or {})
     count = _convert(options.pop("count_moments_in_budget", False), False)
+    prefill_only = _convert(options.pop("prefill_only", False), False)
     plan = _plan(spec, budget, ratio, decode_budget, options)
+    if prefill_only:
+        if not plan.compresses_prompt() or plan.decode is None:
+            raise ValueError(f"prefill_only: {spec} is not a unified policy with a budget (it already keeps "
+                             "every generated token, or has no prefill part); drop the option")
+        plan = CachePlan(prefill=plan.prefill, budget=plan.budget, ratio=plan.ratio)
     policies = plan.policies()
     nc = correction == "nc" or (correction is None and any(getattr(p, "nc", False) for p in policies))
     moments = nc or any(p.needs_moments() for p in policies if hasattr(p, "needs_moments"))

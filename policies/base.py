@@ -13,8 +13,9 @@ two moments:
            after the new token was written into slot `written` [B, Hkv] and attention was
            computed; `probs` [B, Hq, S] is that step's attention over slots (only when
            `needs_probs`). It updates the policy's state (buffers, in place) and returns the
-           scores of all slots. `choose_victim` turns scores into the slot to free per kv head,
-           and the next token is written there.
+           scores of all slots. After the step's last layer, the engine's `choose_victim` turns
+           every layer's scores into the slot to free per kv head (one call over all layers),
+           and that layer's next token is written there.
 
 Decode code is branch-free tensor code: no .item(), no Python branch on data, so the decode
 step compiles once. Per-layer state lives in buffers allocated by `allocate` for the largest
@@ -94,12 +95,9 @@ class Policy(nn.Module):
     def decode_scores(self, layer, probs, pos, written) -> torch.Tensor:
         return torch.zeros(pos.shape, device=pos.device)
 
-    def on_evict(self, layer: int, slot: torch.Tensor, cache):
-        """Called with the chosen slot [B, Hkv] before it is freed (it may already be empty)."""
-
 
 def choose_victim(scores: torch.Tensor, pos: torch.Tensor, in_pool: torch.Tensor, pool_budget: torch.Tensor) -> torch.Tensor:
-    """The slot to free per (row, kv head): [B, Hkv, S] -> [B, Hkv]. pool_budget: [B].
+    """The slot to free per (row, kv head): [..., B, Hkv, S] -> [..., B, Hkv] (leading dims: layers). pool_budget: [B].
 
     While the pool (the entries the policy may evict) holds at most `pool_budget` entries, the
     answer is an empty slot (nothing is evicted). Once it holds more, the pool's lowest-scoring

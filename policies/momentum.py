@@ -22,7 +22,8 @@ pool (generated positions only, since the plan is not unified).
 since the token entered: Adam's bias correction, so a token's score estimates its mean
 attention from the first step instead of starting near 0 and needing ~1/(1 - beta) steps to
 catch up with older tokens. The paper's rule (debias=False) makes a fresh token compete with
-(1 - beta) times its self-attention.
+(1 - beta) times its self-attention, so the newest tokens go first; BENCHMARKS.md's long
+generation table runs both.
 
 `per_kv_head=True` averages over the query heads of each GQA group instead of all heads, so
 each kv head ranks its tokens by its own group's attention. The paper's default is all heads;

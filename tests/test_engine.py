@@ -148,3 +148,31 @@ def test_every_module_imports_first(module):
     import sys
 
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True, capture_output=True)
+
+
+def test_eviction_bookkeeping_runs_once_per_step_not_per_layer():
+    """Choosing and freeing victims happens once per decode step over all layers (Engine._free_slots):
+    what a policy adds per layer is its own scoring only. Counted in aten ops, which is what an eager
+    CPU decode step pays for (a per-layer victim choice adds ~13 more per layer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from policies import make_plan
+
+    class CountOps(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(layers, spec):
+        _, model = tiny_pair(layers=layers)
+        engine = Engine(model, make_plan(spec, budget=16) if spec else None)
+        engine.generate(prompts_of([30]), 4)  # the cache is full: every step evicts
+        with torch.inference_mode(), CountOps() as count:
+            engine.decode_step(torch.tensor([[1]]), torch.tensor([[40]]))
+        return count.n
+
+    per_layer = {spec: (ops(6, spec) - ops(2, spec)) / 4 for spec in (None, "streamingllm", "tova", "h2o")}
+    extra = {spec: n - per_layer[None] for spec, n in per_layer.items() if spec}
+    assert extra["streamingllm"] <= 8 and extra["tova"] <= 8 and extra["h2o"] <= 16, extra

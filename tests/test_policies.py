@@ -307,3 +307,22 @@ def prompts_of(lengths, seed):
 
 def test_protect_is_above_any_attention_score():
     assert PROTECT > 1e6 and math.isfinite(PROTECT)
+
+
+@pytest.mark.parametrize("spec", ["h2o", "momentkv"])
+def test_prefill_only_keeps_the_unified_prefill_selection_and_every_generated_token(spec):
+    """prefill_only=1 (kvpress's parity): the prompt is compressed exactly as the unified policy
+    compresses it, and then nothing is evicted: the cache grows by each generated token."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 96, (40,), generator=g).tolist()
+    unified, alone = Engine(model, make_plan(spec, budget=16)), Engine(model, make_plan(spec, budget=16, options={"prefill_only": 1}))
+    assert alone.plan.decode is None and alone.plan.prefill_keep(40) == 16
+    for e in (unified, alone):
+        e.generate([prompt], 1)  # prefill only
+    for a, b in zip(unified.caches, alone.caches):
+        assert torch.equal(a.pos.sort(-1).values[..., -16:], b.pos.sort(-1).values[..., -16:])
+    alone.generate([prompt], 10)
+    assert all(((c.pos >= 0).sum(-1) == 16 + 9).all() for c in alone.caches)
+    with pytest.raises(ValueError, match="prefill_only: snapkv is not a unified policy"):
+        make_plan("snapkv", budget=64, options={"prefill_only": 1})

@@ -140,7 +140,10 @@ def section_fidelity(d: dict, img: Path, root: Path) -> str:
            "(lower is better), top-1 agreement with full, NLL of the reference text (full's is the floor). "
            "kvpress rows: the same token ids through kvpress's presses on transformers (its pipeline's prefill "
            "compression, then the continuation on its cache), KL against transformers' own full cache. "
-           "Best per column in bold.", ""]
+           "Parity: kvpress's presses, and our prefill-only policies (snapkv, pyramidkv, knorm, keydiff), compress the "
+           "prompt and keep every generated token; our unified ones (h2o, tova, streamingllm, momentkv) hold the budget "
+           "in total while the reference tokens are fed, so they keep fewer tokens by the end; `{prefill_only=1}` rows "
+           "run a unified policy's prefill part alone, at kvpress's parity. Best per column in bold.", ""]
     for metric, name, higher, fmt in (("kl", "KL to full", False, f), ("top1", "top-1 agreement", True, pct), ("nll", "NLL", False, f)):
         header = ["method"] + [f"ratio {r} (keep {1 - r:.1%})" for r in ratios]
         cells = {m: [fmt(by[(m, r)][metric]) if (m, r) in by else "–" for r in ratios] for m in methods}
@@ -248,6 +251,30 @@ def section_ruler(d: dict, img: Path) -> str:
     return "\n".join(out) + notes(d)
 
 
+def longgen_findings(by: dict, methods: list, budgets: list) -> list[str]:
+    """Sentences read off the table: the best policy per parity and budget, and momentum with and without debias."""
+    out = []
+    for parity in ("decode pool", "total capacity"):
+        best = []
+        for db in budgets:
+            xs = [(by[(m, db)]["kl"], m) for m in methods if (m, db) in by and by[(m, db)]["parity"] == parity]
+            if xs:
+                best.append(f"{min(xs)[1]} at {db}")
+        if best:
+            out.append(f"Lowest KL with the {parity} parity: {', '.join(best)}.")
+    if "momentum" in methods and "momentum{debias=1}" in methods:
+        ratios = [f"{by[('momentum', db)]['kl'] / by[('momentum{debias=1}', db)]['kl']:.1f}x at {db}"
+                  for db in budgets if ("momentum", db) in by and ("momentum{debias=1}", db) in by
+                  and by[("momentum{debias=1}", db)]["kl"] > 0]
+        out.append("Why momentum as written loses: with Eq. 5-6 a new token enters with s = 0 and gets (1 - beta) times its "
+                   "self-attention, 1/33 of what an older token receiving the same attention holds at beta 0.97, so fresh "
+                   "tokens lose the argmin to older ones: the pool keeps a spread of older generated tokens and drops the "
+                   "newest, which generation leans on. `debias=1` (not in the paper) ranks by s / (1 - beta^age), the bias "
+                   f"correction of an EMA started at 0; its KL is lower by {', '.join(ratios)}. The decode-pool policies "
+                   "also cannot give up prompt entries, which the unified ones at total capacity do.")
+    return out + [""] if out else []
+
+
 def section_longgen(d: dict, img: Path) -> str:
     rows = d["rows"]
     full = next((r for r in rows if r["method"] == "full"), None)
@@ -281,6 +308,7 @@ def section_longgen(d: dict, img: Path) -> str:
         for row, c2 in zip(body, col):
             row[j] = c2
     out += [table(header, body), ""]
+    out += longgen_findings(by, methods, budgets)
     series = {m: (budgets, [by[(m, db)]["kl"] if (m, db) in by else None for db in budgets], False) for m in methods}
     out.append(plot_lines(img / "longgen_kl.png", series, "decode budget (generated tokens kept)", "KL(full || policy)",
                           "Long generation: KL along full's trajectory vs decode budget", logy=True, logx=True))
@@ -345,7 +373,10 @@ def section_flatcost(d: dict, img: Path) -> str:
         out += [f"### Decode speed against context length (policies at budget {budget})", "", provenance(d), "",
                 "The cost of a decode step follows the cache a policy holds, not the context: full holds the whole "
                 f"context, every policy {budget} entries per kv head. `vs full` compares each policy with full holding "
-                f"the same {budget} tokens (context {budget}): the policy's own overhead. transformers and kvpress "
+                f"the same {budget} tokens (context {budget})"
+                + (", timed right after the policy so that the machine's drift over the run cancels"
+                   if any("full_same_tokens_tok_s" in r for r in ctx) else ", timed once at the start of the run")
+                + ": the policy's own overhead. transformers and kvpress "
                 "(SnapKVPress at the ratio that keeps the same budget) decode on their DynamicCache in the same run.", ""]
         contexts = sorted({r["context"] for r in ctx})
         keys = list(dict.fromkeys((r["engine"], r["method"], r["mode"]) for r in ctx))
@@ -360,6 +391,17 @@ def section_flatcost(d: dict, img: Path) -> str:
             cells.append(f"{last['vs_full_same_tokens']:.2f}x" if last.get("vs_full_same_tokens") else "")
             body.append(cells)
         out += [table(["method", "mode"] + [f"{C} tok/s" for C in contexts] + [f"at {contexts[-1]}: vs full holding {budget}"], body), ""]
+        # Issue 4's targets: a policy's overhead at most 5%, i.e. at the longest context at least 0.95x full holding its budget.
+        worst = {}
+        for e, m, mode in keys:
+            x = by.get((e, m, mode, contexts[-1]), {}).get("vs_full_same_tokens")
+            if e == "tinyengine" and x is not None:
+                worst.setdefault(mode, []).append((x, m))
+        for mode, xs in worst.items():
+            met = [m for x, m in xs if x >= 0.95]
+            missed = [f"{m} {x:.2f}x" for x, m in sorted(xs) if x < 0.95]
+            out += [f"Target (issue 4), {mode}: every policy at {contexts[-1]} tokens at least 0.95x full holding {budget} "
+                    f"(overhead at most 5%): met by {len(met)} of {len(xs)}" + (f"; not by {', '.join(missed)}." if missed else "."), ""]
         series = {}
         for e, m, mode in keys:
             if mode != "eager" and e == "tinyengine" and m != "full":

@@ -14,12 +14,19 @@ from torch import nn
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device,
+                 pos: torch.Tensor | None = None):
+        """pos: an existing [batch, kv_heads, capacity] tensor to hold the slot positions in (the
+        engine keeps every layer's in one tensor and views it, see Engine.setup)."""
         super().__init__()
         shape = (batch, kv_heads, capacity, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("pos", torch.full(shape[:3], -1, dtype=torch.long, device=device), persistent=False)
+        if pos is None:
+            pos = torch.full(shape[:3], -1, dtype=torch.long, device=device)
+        elif pos.shape != shape[:3] or pos.dtype != torch.long:
+            raise ValueError(f"pos must be a {list(shape[:3])} int64 tensor (got {list(pos.shape)} {pos.dtype})")
+        self.register_buffer("pos", pos.fill_(-1), persistent=False)
 
     @property
     def capacity(self) -> int:

@@ -8,9 +8,10 @@ writes the new keys/values into the cache and attends over its slots:
       cache; with one, the chunk is attended together with the compressed cache so far and the
       policy keeps its `budget` best entries per kv head (so the KV held never exceeds
       budget + chunk).
-  decode (one token per row, torch.compile'd once): write into the slot freed last step,
-      attend, let the decode policy score the slots, free the victim for the next step.
-      Branch-free tensor code with fixed shapes, so the graph never recompiles.
+  decode (one token per row, torch.compile'd once): each layer writes into the slot freed
+      last step, attends and lets the decode policy score its slots; after the last layer the
+      victims of every layer are chosen and freed at once, for the next step. Branch-free
+      tensor code with fixed shapes, so the graph never recompiles.
 
 Batches of prompts of different lengths are right-padded; padding has no valid position, so
 it is never attended to, and generated tokens reuse its slots.
@@ -92,7 +93,14 @@ class Engine:
         if batch == self.batch and all(c <= cache.capacity for c, cache in zip(caps, self.caches)):
             return
         capacity = max(caps)  # policy state is allocated for the largest layer
-        self.caches = [KVCache(batch, a.num_kv_heads, cap, a.head_dim, self.dtype, self.device) for cap in caps]
+        # Every layer's slot positions live in one tensor (each cache views its part; a smaller layer
+        # leaves its tail empty), and so do the scores of a decode step: choosing and freeing the
+        # victims then takes a dozen ops per step rather than a dozen per layer, which is most of
+        # what a policy costs an eager decode step (BENCHMARKS.md, decode speed vs context).
+        self.pos = torch.full((a.num_layers, batch, a.num_kv_heads, capacity), -1, dtype=torch.long, device=self.device)
+        self.step_scores = torch.zeros(self.pos.shape, device=self.device)
+        self.caches = [KVCache(batch, a.num_kv_heads, cap, a.head_dim, self.dtype, self.device, pos=self.pos[i, :, :, :cap])
+                       for i, cap in enumerate(caps)]
         self.next_slot = torch.zeros(a.num_layers, batch, a.num_kv_heads, dtype=torch.long, device=self.device)
         self.prompt_len = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.pool_budget = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -231,7 +239,24 @@ class Engine:
     # ------------------------------------------------------------------ decode
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens, positions [B, 1] -> logits [B, V]. Compiled once; shapes never change."""
-        return self.model(tokens, positions, lambda i: self._decode_attend(i, positions[:, 0]))[:, -1]
+        logits = self.model(tokens, positions, lambda i: self._decode_attend(i, positions[:, 0]))[:, -1]
+        self._free_slots()
+        return logits
+
+    def _free_slots(self):
+        """After every layer attended: choose each layer's victim from the step's scores, free it,
+        and point the next write there (all layers at once: self.pos is [L, B, Hkv, S])."""
+        plan = self.plan
+        if plan.decode is None:  # nothing is evicted; the cache grows into its empty slots
+            self.next_slot.copy_(first_free_slot(self.pos))
+            return
+        in_pool = self.pos >= (0 if plan.unified else self.prompt_len[:, None, None])
+        victim = choose_victim(self.step_scores, self.pos, in_pool, self.pool_budget)  # [L, B, Hkv]
+        if plan.correction is not None:  # the victims join the evicted set's moments (an empty slot adds nothing)
+            for i, cache in enumerate(self.caches):
+                plan.correction.absorb_slot(i, victim[i], cache)
+        self.pos.scatter_(-1, victim.unsqueeze(-1), -1)
+        self.next_slot.copy_(victim)
 
     def _decode_attend(self, layer, pos):
         cache, plan = self.caches[layer], self.plan
@@ -247,19 +272,11 @@ class Engine:
                 out, probs = reference_attention(q, cache.k, cache.v, pos[:, None], cache.pos)
             else:
                 out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
-            if policy is None:
-                self.next_slot[layer].copy_(first_free_slot(cache.pos))
-                return out
-            probs = None if probs is None else probs[:, :, 0]
-            extra = dict(query=q, out=out, cache=cache, moments=nc) if getattr(policy, "needs_query", False) else {}
-            scores = policy.decode_scores(layer, probs, cache.pos, slot, **extra)
-            in_pool = cache.pos >= (0 if plan.unified else self.prompt_len[:, None, None])
-            victim = choose_victim(scores, cache.pos, in_pool, self.pool_budget)
-            policy.on_evict(layer, victim, cache)
-            if nc is not None:  # the victim joins the evicted set's moments (an empty slot adds nothing)
-                nc.absorb_slot(layer, victim, cache)
-            cache.evict(victim)
-            self.next_slot[layer].copy_(victim)
+            if policy is not None:  # its scores wait for the end of the step (_free_slots)
+                probs = None if probs is None else probs[:, :, 0]
+                extra = dict(query=q, out=out, cache=cache, moments=nc) if getattr(policy, "needs_query", False) else {}
+                scores = policy.decode_scores(layer, probs, cache.pos, slot, **extra)
+                self.step_scores[layer, :, :, : scores.shape[-1]].copy_(scores)
             return out
 
         return attend
