@@ -40,17 +40,17 @@ SIZES = {
                     ruler_tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt"], ruler_n=1, lg_questions=64,
                     lg_tokens=2048, decode_budgets=[128, 256, 512], group_tokens=16384,
                     contexts=[1024, 2048, 4096, 8000], speed_prompts=[128, 1024, 4096], speed_batches=[1, 8],
-                    speed_new=32, budget=1024),
+                    speed_new=32, budget=1024, extra_rows=True),
     "large": dict(fid_n=8, fid_ctx=2048, fid_cont=256, ratios=[0.5, 0.75, 0.875], ruler_lengths=[1024, 2048, 4096],
                   ruler_tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt"], ruler_n=8, lg_questions=96,
                   lg_tokens=3072, decode_budgets=[128, 256, 512], group_tokens=8192,
                   contexts=[1024, 2048, 4096, 8000], speed_prompts=[128, 1024, 4096], speed_batches=[1, 8],
-                  speed_new=64, budget=1024),
+                  speed_new=64, budget=1024, extra_rows=True),
 }
 RULER_RATIOS_DEFAULT = [0.5, 0.75]  # RULER runs fewer ratios than fidelity (its decode is the costly part)
 # momentkv's default base (every prompt query votes, policies/momentkv.py section 5) is tuned for fidelity; RULER also
 # runs it on SnapKV's base (the last 32 queries vote, pooled over 7), to show what MI + NC add to retrieval there.
-RULER_EXTRA = ["momentkv{recent=-1;window=32;kernel=7}"]
+RULER_EXTRA = ["momentkv{recent=-1;window=32;kernel=7}"]  # (the extra rows run at the default and large sizes)
 # kvpress's presses compress the prompt only and keep every generated token; unified momentkv keeps its budget in
 # total. The prefill-only row is momentkv at kvpress's parity.
 FIDELITY_EXTRA = ["momentkv{prefill_only=1}"]
@@ -266,7 +266,7 @@ def suite_fidelity(b: Bench, size: dict) -> list[dict]:
     cont = torch.tensor([x for _, x in samples])
     ratios = args.ratios or size["ratios"]
     configs = []  # (table, method, ratio, plan factory)
-    for spec in b.prefill_policies() + ([] if args.policies else FIDELITY_EXTRA):
+    for spec in b.prefill_policies() + ([] if args.policies or not size.get("extra_rows") else FIDELITY_EXTRA):
         for r in ratios:
             configs.append(("fidelity", spec, r, plan_factory(b, spec, r, size["fid_ctx"])))
     try:
@@ -418,7 +418,7 @@ def suite_ruler(b: Bench, size: dict) -> list[dict]:
     segs = [chat_segments(b.tokenizer, s, args.question_aware) for s in samples]
     ratios = args.ratios or ([r for r in size["ratios"] if r in RULER_RATIOS_DEFAULT] or size["ratios"])
     ctx_len = len(segs[0][0])
-    specs = b.prefill_policies() + ([] if args.policies else RULER_EXTRA)
+    specs = b.prefill_policies() + ([] if args.policies or not size.get("extra_rows") else RULER_EXTRA)
     plans = [(spec, r, b.plan(spec, **budget_kw(args, r, ctx_len))) for spec in specs for r in ratios]
     plans = [p for p in plans if p[2] is not None]  # (spec, ratio, a plan, for the window it needs)
     # Groups of rows of one length, at most group_tokens prompt tokens each (the recorded prefill lives in memory).
