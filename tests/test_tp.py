@@ -65,6 +65,9 @@ def _worker(rank, world, store, folder, dtype, specs, prompts, new_tokens, compi
                   "bytes": parameter_bytes(model),
                   "local_heads": [model.args.num_heads, model.args.num_kv_heads]}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        # Every rank done with its collectives before any tears the group down: a gloo rank whose peer
+        # closed the connection mid-teardown can abort (SIGABRT, "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
