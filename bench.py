@@ -55,7 +55,7 @@ RULER_EXTRA = ["momentkv{recent=-1;window=32;kernel=7}"]  # (the extra rows run 
 # total. The prefill-only row is momentkv at kvpress's parity.
 FIDELITY_EXTRA = ["momentkv{prefill_only=1}"]
 # Long generation (issue 5 part C). momentum{debias=1} is the finding of that suite: with the paper's rule a
-# fresh token competes with (1 - beta) times its self-attention and is evicted at once (policies/momentum.py).
+# fresh token competes with (1 - beta) times its self-attention, so the newest go first (policies/momentum.py).
 DECODE_POLICIES = ["momentum", "momentum{debias=1}", "scope", "h2o", "streamingllm", "tova"]
 # scope keeps a recent window of 256 generated tokens, more than small decode budgets hold: when it does not fit,
 # its window is half the smallest decode budget of the run, the same at every budget so that they share one batch.
@@ -211,11 +211,12 @@ class Bench:
             names = [p for p in self.args.presses if p in names]
         return names
 
-    def prefill_policies(self) -> list[str]:
-        """Policies that compress the prompt (the ratio suites); decode-only ones are noted."""
+    def prefill_policies(self, extra=()) -> list[str]:
+        """Policies that compress the prompt (the ratio suites); decode-only ones are noted. `extra`
+        specs follow the registered ones when --policies does not pick the list."""
         from policies import POLICIES
 
-        names = self.args.policies or [n for n in POLICIES if n != "full"]
+        names = self.args.policies or [n for n in POLICIES if n != "full"] + list(extra)
         keep = []
         for spec in names:
             parts = parse_spec(spec)[0].split("+")
@@ -266,7 +267,7 @@ def suite_fidelity(b: Bench, size: dict) -> list[dict]:
     cont = torch.tensor([x for _, x in samples])
     ratios = args.ratios or size["ratios"]
     configs = []  # (table, method, ratio, plan factory)
-    for spec in b.prefill_policies() + ([] if args.policies or not size.get("extra_rows") else FIDELITY_EXTRA):
+    for spec in b.prefill_policies(FIDELITY_EXTRA if size.get("extra_rows") else ()):
         for r in ratios:
             configs.append(("fidelity", spec, r, plan_factory(b, spec, r, size["fid_ctx"])))
     try:
@@ -418,8 +419,8 @@ def suite_ruler(b: Bench, size: dict) -> list[dict]:
     segs = [chat_segments(b.tokenizer, s, args.question_aware) for s in samples]
     ratios = args.ratios or ([r for r in size["ratios"] if r in RULER_RATIOS_DEFAULT] or size["ratios"])
     ctx_len = len(segs[0][0])
-    specs = b.prefill_policies() + ([] if args.policies or not size.get("extra_rows") else RULER_EXTRA)
-    plans = [(spec, r, b.plan(spec, **budget_kw(args, r, ctx_len))) for spec in specs for r in ratios]
+    plans = [(spec, r, b.plan(spec, **budget_kw(args, r, ctx_len)))
+             for spec in b.prefill_policies(RULER_EXTRA if size.get("extra_rows") else ()) for r in ratios]
     plans = [p for p in plans if p[2] is not None]  # (spec, ratio, a plan, for the window it needs)
     # Groups of rows of one length, at most group_tokens prompt tokens each (the recorded prefill lives in memory).
     groups = []

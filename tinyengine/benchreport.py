@@ -21,15 +21,12 @@ def load_results(folder: Path) -> dict:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        suites = [data.get("suite")]
-        if suites[0] == "speed" and any(r.get("table") == "context" for r in data.get("rows", [])):
-            suites.append("flatcost")  # an older run holding both parts
-        for suite in suites:
-            if suite not in SUITES or (suite == "speed" and not any(r.get("table") == "speed" for r in data.get("rows", []))):
-                continue
-            key = (SIZE_RANK.get(data.get("size"), -1), data.get("date", ""))
-            if suite not in best or key > best[suite][0]:
-                best[suite] = (key, data, path.name)
+        suite = data.get("suite")
+        if suite not in SUITES:
+            continue
+        key = (SIZE_RANK.get(data.get("size"), -1), data.get("date", ""))
+        if suite not in best or key > best[suite][0]:
+            best[suite] = (key, data, path.name)
     return {s: dict(d, _file=name) for s, (_, d, name) in best.items()}
 
 
@@ -267,9 +264,9 @@ def longgen_findings(by: dict, methods: list, budgets: list) -> list[str]:
                   for db in budgets if ("momentum", db) in by and ("momentum{debias=1}", db) in by
                   and by[("momentum{debias=1}", db)]["kl"] > 0]
         out.append("Why momentum as written loses: with Eq. 5-6 a new token enters with s = 0 and gets (1 - beta) times its "
-                   "self-attention, 1/33 of what an older token receiving the same attention holds at beta 0.97, so fresh "
-                   "tokens lose the argmin to older ones: the pool keeps a spread of older generated tokens and drops the "
-                   "newest, which generation leans on. `debias=1` (not in the paper) ranks by s / (1 - beta^age), the bias "
+                   "self-attention, 1/33 of what an older token receiving the same attention holds at beta 0.97, so a fresh "
+                   "token loses the argmin unless its attention is ~33x an older token's: the newest generated tokens, "
+                   "which generation leans on, are the first to go. `debias=1` (not in the paper) ranks by s / (1 - beta^age), the bias "
                    f"correction of an EMA started at 0; its KL is lower by {', '.join(ratios)}. The decode-pool policies "
                    "also cannot give up prompt entries, which the unified ones at total capacity do.")
     return out + [""] if out else []
@@ -336,26 +333,16 @@ def section_speed(d: dict, img: Path) -> str:
                 f"so the bandwidth limit at batch 1 is **{bw['limit_tok_s']:.1f} tok/s**.", ""]
     sp = [r for r in rows if r["table"] == "speed"]
     hf = {(r["prompt"], r["batch"]): r for r in sp if r["engine"] == "transformers"}
-    body, invalid = [], []
+    body = []
     for r in sp:
         ref = hf.get((r["prompt"], r["batch"]))
-        if r["decode_step_ms"] < 1e-3:  # older runs: decode = (N-token generate) - (1-token generate) came out <= 0
-            invalid.append(r)
-            r = {**r, "decode_tok_s": float("nan"), "bandwidth_fraction": None}
-        if ref is not None and ref["decode_step_ms"] < 1e-3:
-            ref = {**ref, "decode_tok_s": float("nan")}
-        ok = ref and r["engine"] != "transformers"
-        ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ok and not math.isnan(ref["decode_tok_s"]) and not math.isnan(r["decode_tok_s"]) else ""
-        pratio = f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x" if ok else ""
+        ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref and r["engine"] != "transformers" else ""
+        pratio = f"{r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x" if ref and r["engine"] != "transformers" else ""
         body.append([r["engine"], r["mode"], str(r["prompt"]), str(r["batch"]), f"{r['prefill_tok_s']:.0f}", pratio,
-                     "not measured" if math.isnan(r["decode_tok_s"]) else f"{r['decode_tok_s']:.1f}", ratio, pct(r.get("bandwidth_fraction")) if r.get("bandwidth_fraction") else "",
+                     f"{r['decode_tok_s']:.1f}", ratio, pct(r.get("bandwidth_fraction")) if r.get("bandwidth_fraction") else "",
                      mib(r.get("kv_bytes"))])
     out += [table(["engine", "mode", "prompt", "batch", "prefill tok/s", "vs transformers", "decode tok/s", "vs transformers",
                    "of bandwidth limit", "KV MiB"], body), ""]
-    for r in invalid:
-        out += [f"{r['engine']} at prompt {r['prompt']}, batch {r['batch']}: decode not measured. This run timed it as the "
-                "difference between a 33-token and a 1-token `generate`, and the two prefills' variance exceeded the 32 "
-                "decode steps; bench.py now timestamps each step inside generate (a streamer).", ""]
     out += targets(rows, bw)
     st = [r for r in rows if r["table"] == "startup"]
     if st:
@@ -365,7 +352,7 @@ def section_speed(d: dict, img: Path) -> str:
 
 
 def section_flatcost(d: dict, img: Path) -> str:
-    """The decode-vs-context rows (suite "flatcost", or the context rows of an older combined speed run)."""
+    """The decode-vs-context rows (suite "flatcost": `bench.py speed --parts flat`)."""
     ctx = [r for r in d["rows"] if r["table"] == "context"]
     out = []
     if ctx:

@@ -53,10 +53,6 @@ class KVCache(nn.Module):
         self.v.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, D), v.unsqueeze(2))
         self.pos.scatter_(2, idx, pos.view(-1, 1, 1).expand_as(idx))
 
-    def evict(self, slot: torch.Tensor):
-        """Mark `slot` [B, Hkv] empty; the next write goes there. Evicting an empty slot is a no-op."""
-        self.pos.scatter_(2, slot.unsqueeze(-1), -1)
-
     def fill(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Prefill write: the first n slots get k, v [B, Hkv, n, D] and pos [B, Hkv, n]; the rest are emptied."""
         n = k.shape[2]
