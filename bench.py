@@ -518,7 +518,7 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
     from policies import POLICIES
     from policies.base import CachePlan
     from tinyengine.benchdata import longgen_sample, longgen_score
-    from tinyengine.benchkit import compare, drive
+    from tinyengine.benchkit import compare, drive, plan_window
 
     args = b.args
     sample = longgen_sample(args.questions or size["lg_questions"], seed=args.seed)
@@ -531,10 +531,12 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
         b.notes.append(f"decode-time policies not registered here, skipped: {', '.join(missing)}")
     ban = b.tokenizer.stop_token_ids
     bar = Progress("longgen", n * (1 + len(names)), not args.no_progress)
-    bar.doing("full")
+    bar.doing("full (recording the prefill)")
     full_logits = []
-    (full_out,), _ = drive(b.engine(CachePlan()), [prompt], None, n, ban_ids=ban,
-                           on_logits=lambda t, x: full_logits.append(x[0].clone()))
+    plans = {name: [decode_plan(b, name, len(prompt), db, budgets)[0] for db in budgets] for name in names}
+    window = plan_window([p for ps in plans.values() for p in ps])
+    (full_out,), tape = drive(b.engine(CachePlan()), [prompt], None, n, ban_ids=ban, replay=b.replay, record_window=window,
+                              on_logits=lambda t, x: full_logits.append(x[0].clone()))
     bar.done(n)
     full_logits = torch.stack(full_logits)  # [n, V]
     text = b.tokenizer.decode(full_out)
@@ -542,13 +544,11 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
              "per_question": longgen_score(text, sample.references), "kl": 0.0, "top1": 1.0, "prompt_tokens": len(prompt),
              "generated": len(full_out), "sample_output": text[:600]}]
     for name in names:
-        plans, parity = [], None
-        for db in budgets:
-            plan, parity = decode_plan(b, name, len(prompt), db, budgets)
-            plans.append(plan)
-        if any(p is None for p in plans):
+        if any(p is None for p in plans[name]):
             bar.done(n)
             continue
+        parity = decode_plan(b, name, len(prompt), budgets[0], budgets)[1]
+        ok = b.replay_ok(f"longgen:{name}", lambda: decode_plan(b, name, len(prompt), budgets[-1], budgets)[0], prompt)
         # One batch: each budget generating freely, then each budget teacher-forced along full's output.
         k = len(budgets)
         bar.doing(f"{name} at decode budgets {','.join(map(str, budgets))}")
@@ -560,9 +560,9 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
                 kl[j].append(a[j].item())
                 top1[j].append(c[j].item())
 
-        engine = b.engine(max(plans, key=lambda p: p.pool_budget(len(prompt))))
-        out, _ = drive(engine, [prompt] * (2 * k), [[]] * k + [full_out] * k, [n] * k + [0] * k,
-                       ban_ids=ban, on_logits=on_logits, row_plans=plans + plans)
+        engine = b.engine(max(plans[name], key=lambda p: p.pool_budget(len(prompt))))
+        out, _ = drive(engine, [prompt] * (2 * k), [[]] * k + [full_out] * k, [n] * k + [0] * k, ban_ids=ban,
+                       on_logits=on_logits, row_plans=plans[name] * 2, tape=tape.repeat(2 * k) if ok else None, replay=b.replay)
         for j, db in enumerate(budgets):
             t = b.tokenizer.decode(out[j])
             per_q = longgen_score(t, sample.references)

@@ -6,7 +6,7 @@ two moments:
   prefill  `prefill_scores(layer, keys, values, pos, window_probs)` sees every candidate of the
            layer (the compressed cache so far plus the new prompt chunk) and, if it sets
            `window > 0`, the attention of the chunk's last `window` real queries over those
-           candidates (`window = -1`: every query of the chunk, h2o). The engine keeps the
+           candidates (`window = -1`: every query of the chunk, summed into one row, h2o). The engine keeps the
            `budget` best per kv head (per layer: `layer_keep`, pyramidkv) and reports the
            selection with `on_select`; `start` opens each prefill with the per-row budgets.
   decode   `decode_scores(layer, probs, pos, written)` runs inside the compiled decode step

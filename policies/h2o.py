@@ -14,11 +14,10 @@ is evicted when the new token needs room).
     the paper's experiments use equal parts (e.g. 10% heavy + 10% recent), so the default 0.5.
     A budget B keeps floor(B * recent_ratio) recent tokens.
   - prefill: every query of the prompt adds its attention (`window = -1`: the engine passes
-    the probabilities of every query of each prefill chunk), so after the prompt a token's
-    score is its column sum of the prompt's attention matrix, as in H2O's implementation;
-    then the budget is applied once. Across prefill chunks the scores carry over exactly.
-    Memory: the chunk's probabilities [B, Hq, chunk, cache + chunk]; use --prefill-chunk on
-    long prompts.
+    the sum of every query's probabilities in each prefill chunk, [B, Hq, 1, cache + chunk],
+    computed in blocks of queries), so after the prompt a token's score is its column sum of
+    the prompt's attention matrix, as in H2O's implementation; then the budget is applied
+    once. Across prefill chunks the scores carry over exactly.
   - decode: each step, the new token's slot starts at 0, every slot adds this step's attention
     (the recursion s_t = s_{t-1} + sum over the group of p_t), then the engine evicts the
     lowest-scoring entry outside the recent window.

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tinyengine.attention import PAD_QUERY_POS, attention, causal_attention, reference_attention, slot_mask
+from tinyengine.attention import PAD_QUERY_POS, attention, attention_probs, causal_attention, reference_attention, slot_mask
 
 
 def random_case(B=2, Hq=6, Hkv=2, T=5, S=37, D=16, seed=0, bias=False):
@@ -46,6 +46,23 @@ def test_reference_equals_definition(T, bias):
     allowed = slot_mask(case[3], case[4])  # [B, Hkv, T, S]
     G = case[0].shape[1] // case[1].shape[1]
     assert (probs[~allowed.repeat_interleave(G, dim=1)] == 0).all()
+
+
+@pytest.mark.parametrize("block_bytes", [1, 4 * 2 * 6 * 37 * 3, 2**24])  # one query, 3 queries, all at once
+def test_attention_probs_in_query_blocks_equal_the_reference(monkeypatch, block_bytes):
+    import tinyengine.attention as attention_module
+
+    query_block = attention_module.query_block
+    monkeypatch.setattr(attention_module, "query_block", lambda rows, elems: query_block(rows, elems, block_bytes))
+    q, k, v, q_pos, kv_pos, _ = random_case(T=7)
+    assert attention_module.query_block(2 * 6, 37) == max(1, block_bytes // (4 * 2 * 6 * 37))
+    want = reference_attention(q, k, v, q_pos, kv_pos)[1]
+    torch.testing.assert_close(attention_probs(q, k, q_pos, kv_pos), want, atol=1e-6, rtol=1e-6)
+    weight = (torch.arange(7) % 3 != 0).float().expand(2, -1)  # queries 0, 3 and 6 dropped
+    want = want * weight[:, None, :, None]
+    torch.testing.assert_close(attention_probs(q, k, q_pos, kv_pos, weight), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(attention_probs(q, k, q_pos, kv_pos, weight, summed=True), want.sum(2, keepdim=True),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])

@@ -65,6 +65,30 @@ def test_replayed_prefill_equals_real_prefill_for_every_policy(tiny):
     assert len(set(checked)) >= 1
 
 
+def test_replay_skips_the_prefill_attention(tiny, monkeypatch):
+    """A replayed prefill runs the policy's scoring but none of the prompt's attention outputs
+    (they are discarded: the recorded logits stand for them), the causal fast path included."""
+    import torch.nn.functional as F
+
+    from policies import make_plan
+    from policies.base import CachePlan
+    from tinyengine.benchkit import ReplayModel, drive
+    from tinyengine.engine import Engine
+
+    _, model, _ = tiny
+    replay = ReplayModel(model)
+    rows = prompts(2, 64)
+    _, tape = drive(Engine(replay, CachePlan()), rows, None, 1, replay=replay, record_window=64)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    for spec in ("knorm", "snapkv"):
+        drive(Engine(replay, make_plan(spec, ratio=0.5)), rows, None, 0, tape=tape, replay=replay)
+    assert calls == []
+    drive(Engine(replay, make_plan("knorm", ratio=0.5)), rows, None, 0)  # the real prefill does call it
+    assert calls
+
+
 def test_replay_detects_a_difference(tiny):
     """verify_replay is not vacuous: a tape of other keys gives other caches."""
     from policies import make_plan

@@ -242,6 +242,18 @@ def test_mi_cost_equals_loop_reference(kind):
                 assert not got[b, h, t][~c].any()
 
 
+def test_mi_cost_sum_in_query_blocks_equals_one_pass(monkeypatch):
+    import policies.momentkv as momentkv
+
+    q, k, v, evicted = gaussian_case(3, T=9, S=20)
+    pos, current = split(k, v, evicted)
+    reference = batch_moments(k, v, evicted | (torch.rand(evicted.shape, generator=torch.Generator().manual_seed(1)) < 0.3))
+    allowed = (~evicted).unsqueeze(2).expand(-1, -1, 9, -1)
+    want = mi_cost(q, allowed, k, v, current, reference).sum(2)
+    monkeypatch.setattr(momentkv, "query_block", lambda rows, elems: 2)  # blocks of 2, 2, 2, 2, 1 queries
+    torch.testing.assert_close(momentkv.mi_cost_sum(q, allowed, k, v, current, reference), want, atol=1e-6, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- plans and the engine
 
 

@@ -40,16 +40,55 @@ def reference_attention(q, k, v, q_pos, kv_pos, kv_bias=None):
     """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> (out [B, Hq, T, D], probs [B, Hq, T, S])."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    probs = _probs(q, k, q_pos, kv_pos, kv_bias)
+    out = probs.to(v.dtype).view(B, Hkv, Hq // Hkv * T, S) @ v
+    return out.view(B, Hq, T, D), probs.view(B, Hq, T, S)
+
+
+def _probs(q, k, q_pos, kv_pos, kv_bias=None):
+    """Softmax over slots, [B, Hkv, G, T, S] (float32)."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     qg = q.reshape(B, Hkv, G * T, D)
     scores = (qg @ k.transpose(-1, -2)).view(B, Hkv, G, T, S).float() * (1.0 / math.sqrt(D))
     if kv_bias is not None:
         scores = scores + kv_bias[:, :, None, None, :]
     allowed = slot_mask(q_pos, kv_pos)[:, :, None]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = probs.to(v.dtype).view(B, Hkv, G * T, S) @ v
-    return out.view(B, Hq, T, D), probs.view(B, Hq, T, S)
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def query_block(rows: int, row_elems: int, block_bytes: int = 2**24) -> int:
+    """Queries per block so that a [rows, block, row_elems] float32 temporary stays near 16 MB.
+
+    Why: glibc serves allocations over 32 MB with fresh mmap'd pages, faulted in and zeroed on
+    every use; each elementwise op on a [B, H, 4K, 4K] score tensor then pays that. In blocks
+    the temporaries are reused from the heap: the prefill scorers run 2-6x faster on CPU.
+    """
+    return max(1, block_bytes // (4 * rows * row_elems))
+
+
+def attention_probs(q, k, q_pos, kv_pos, weight=None, summed=False):
+    """The probabilities of `reference_attention` alone (no output), [B, Hq, T, S], in query blocks
+    (query_block): what prefill scoring policies read, for up to every query of a long prompt.
+
+    weight [B, T]: scales each query's row (0 drops it). summed: the rows' sum, [B, Hq, 1, S],
+    without ever holding all of them (every query of a 4K prompt would be [B, Hq, 4K, 4K]).
+    """
+    B, Hq, T, D = q.shape
+    S = k.shape[2]
+    probs = torch.zeros(B, Hq, 1, S, device=q.device) if summed else torch.empty(B, Hq, T, S, device=q.device)
+    step = query_block(B * Hq, S)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        block = _probs(q[:, :, t0:t1], k, q_pos[:, t0:t1], kv_pos).view(B, Hq, t1 - t0, S)
+        if weight is not None:
+            block = block * weight[:, None, t0:t1, None]
+        if summed:
+            probs += block.sum(2, keepdim=True)
+        else:
+            probs[:, :, t0:t1] = block
+    return probs
 
 
 def sdpa_attention(q, k, v, q_pos, kv_pos, kv_bias=None):

@@ -47,6 +47,14 @@ class PrefillTape:
     v: list
     logits: torch.Tensor | None = None
 
+    def repeat(self, n: int) -> "PrefillTape":
+        """The tape of a batch of n copies of this one-row prefill (views: no copy)."""
+        if self.tokens.shape[0] != 1:
+            raise ValueError("only a one-row tape repeats")
+        rep = lambda t: t.expand(n, *t.shape[1:])  # noqa: E731
+        return PrefillTape(rep(self.tokens), rep(self.lengths), rep(self.rows), [rep(t) for t in self.q],
+                           [rep(t) for t in self.k], [rep(t) for t in self.v], rep(self.logits))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.q, *self.k, *self.v))
 
@@ -84,12 +92,13 @@ class ReplayModel(nn.Module):
         """Prefills inside the block replay `tape` instead of computing; the attention output
         that prefill discards is not computed either."""
         self._mode, self._tape = "replay", tape
-        saved = engine_module.attention
+        saved = engine_module.attention, engine_module.causal_attention
         engine_module.attention = lambda q, *args, **kwargs: torch.zeros_like(q)
+        engine_module.causal_attention = lambda q, *args, **kwargs: torch.zeros_like(q)
         try:
             yield
         finally:
-            engine_module.attention = saved
+            engine_module.attention, engine_module.causal_attention = saved
             self._mode = self._tape = None
 
     def forward(self, tokens, positions, attend_for_layer, last_only=None):

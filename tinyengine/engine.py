@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from policies.base import CachePlan, choose_victim, keep_top
-from tinyengine.attention import PAD_QUERY_POS, attention, causal_attention, reference_attention
+from tinyengine.attention import PAD_QUERY_POS, attention, attention_probs, causal_attention, reference_attention
 from tinyengine.cache import KVCache, first_free_slot
 from tinyengine.errors import TinyEngineError
 
@@ -191,9 +191,10 @@ class Engine:
             else:
                 out = attention(q, keys, values, q_pos, kpos, backend=self.prefill_backend)
             window_probs, extra = None, {}
-            if plan.prefill.window != 0:  # window -1: every query of the chunk (h2o)
-                window = T if plan.prefill.window < 0 else plan.prefill.window
-                window_probs = self._window_probs(q, keys, values, q_pos, kpos, lengths, c0, window)
+            if plan.prefill.window > 0:
+                window_probs = self._window_probs(q, keys, values, q_pos, kpos, lengths, c0, plan.prefill.window)
+            elif plan.prefill.window < 0:  # every query of the chunk, summed (h2o)
+                window_probs = self._window_probs(q, keys, values, q_pos, kpos, lengths, c0, T, summed=True)
             if getattr(plan.prefill, "needs_query", False):  # e.g. momentkv's MI reads queries and moments
                 extra = dict(window=self._window_queries(q, q_pos, lengths, c0, plan.prefill.window),
                              keep=self._layer_keep[layer], moments=plan.correction)
@@ -215,15 +216,14 @@ class Engine:
         return attend
 
     @staticmethod
-    def _window_probs(q, keys, values, q_pos, kpos, lengths, c0, window):
+    def _window_probs(q, keys, values, q_pos, kpos, lengths, c0, window, summed=False):
         """Attention of each row's last `window` real queries of this chunk over the candidates.
 
-        Returns [B, Hq, window, N]; rows of the window that fall before the chunk or on
-        padding are zero, so they add nothing to scores.
+        Returns [B, Hq, window, N] (summed: their sum, [B, Hq, 1, N]); rows of the window that
+        fall before the chunk or on padding are zero, so they add nothing to scores.
         """
         qw, qw_pos, ok = Engine._window_queries(q, q_pos, lengths, c0, window)
-        probs = reference_attention(qw, keys, values, qw_pos, kpos)[1]
-        return probs * ok[:, None, :, None]
+        return attention_probs(qw, keys, qw_pos, kpos, weight=ok.float(), summed=summed)
 
     @staticmethod
     def _window_queries(q, q_pos, lengths, c0, window):
