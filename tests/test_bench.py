@@ -300,3 +300,27 @@ def test_policy_specs_and_the_runtime_replay_check(tiny):
     for spec in ("snapkv{window=8;kernel=3}", "h2o:nc"):
         assert b.replay_ok(spec, lambda: b.plan(spec, ratio=0.5), prompt) is True  # default size: checked for real
     assert set(b._replay_checked) == {"snapkv{window=8;kernel=3}", "h2o:nc"}
+
+
+def test_report_states_the_quality_run_time_against_the_target():
+    from tinyengine.benchreport import quality_time
+
+    run = lambda s, cmd="python bench.py quality", size="default": {"elapsed_s": s, "command": cmd, "size": size}  # noqa: E731
+    line = quality_time({"fidelity": run(600), "ruler": run(900), "longgen": run(1200)})[0]
+    assert "in all **45.0 min**" in line and "not met" in line and "separate" not in line
+    line = quality_time({"fidelity": run(600), "ruler": run(600, "python bench.py quality --suites ruler"), "longgen": run(60)})[0]
+    assert "21.0 min" in line and ": met" in line and "separate commands" in line
+    assert quality_time({"fidelity": run(1), "ruler": run(1, size="quick"), "longgen": run(1)}) == []
+
+
+def test_report_ruler_parity_names_equal_and_different_methods():
+    from tinyengine.benchreport import ruler_parity
+
+    row = lambda s: {"score": s}  # noqa: E731
+    by = {("full", None): row(0.5), ("knorm", 0.5): row(0.25), ("knorm (kvpress)", 0.5): row(0.25),
+          ("snapkv", 0.5): row(0.1), ("snapkv (kvpress)", 0.5): row(0.2), ("h2o", 0.5): row(0.3),
+          ("mystery", 0.5): row(0.1), ("mystery (kvpress)", 0.5): row(0.3)}
+    line = ruler_parity(by, [0.5], 12)[0]
+    assert "equal at every ratio: knorm." in line and "h2o" not in line and "full" not in line
+    assert "snapkv (the paper's max pooling" in line and "mystery (not by design: investigate)" in line
+    assert "8.3 points" in line

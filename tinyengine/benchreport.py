@@ -236,6 +236,7 @@ def section_ruler(d: dict, img: Path) -> str:
         for row, c in zip(body, col):
             row[j] = c
     out += [table(header, body), ""]
+    out += ruler_parity(by, ratios, by.get(("full", None), {}).get("n"))
     th = ["method"] + [f"{t} @ ratio {ratios[0]}" for t in tasks] if ratios else []
     if ratios:
         out += ["Per task (all lengths):", "",
@@ -246,6 +247,27 @@ def section_ruler(d: dict, img: Path) -> str:
     out.append(plot_lines(img / "ruler.png", series, "fraction of the prompt kept", "RULER score",
                           "RULER-style retrieval vs budget (kvpress dashed)"))
     return "\n".join(out) + notes(d)
+
+
+# Where our policy differs from kvpress's press of the same name on purpose (each policy's docstring says why).
+BY_DESIGN = {"snapkv": "the paper's max pooling, window 32, kernel 7; kvpress's average pooling, window 64, kernel 5",
+             "pyramidkv": "SnapKV's scoring as above",
+             "tova": "ours is unified: it also evicts while the question and answer are decoded; kvpress compresses the prompt only"}
+
+
+def ruler_parity(by: dict, ratios: list, n: int) -> list[str]:
+    """Ours against kvpress for each method both have: equal at every ratio, or not (and why)."""
+    shared = sorted({m for (m, r) in by if r is not None and (f"{m} (kvpress)", r) in by})
+    if not shared or not ratios:
+        return []
+    same = [m for m in shared if all(by.get((m, r), {}).get("score") == by.get((f"{m} (kvpress)", r), {}).get("score") for r in ratios)]
+    other = [m for m in shared if m not in same]
+    line = f"Same method, ours against kvpress's: equal at every ratio: {', '.join(same) or 'none'}."
+    if other:
+        line += " Different: " + "; ".join(f"{m} ({BY_DESIGN.get(m, 'not by design: investigate')})" for m in other) + "."
+    if n:
+        line += f" Each score averages {n} answers, so one answer moves it by {100 / n:.1f} points."
+    return [line, ""]
 
 
 def longgen_findings(by: dict, methods: list, budgets: list) -> list[str]:
@@ -503,6 +525,21 @@ def section_tp(d: dict) -> str:
     return "\n".join(out) + notes(d)
 
 
+def quality_time(results: dict) -> list[str]:
+    """The default quality run's time against issue 6's target (45 minutes on 2 CPU cores), when
+    the three suites' results come from one default-size `bench.py quality` command."""
+    runs = [results.get(s) for s in ("fidelity", "ruler", "longgen")]
+    if any(d is None or d.get("size") != "default" for d in runs):
+        return []
+    minutes = [d.get("elapsed_s", 0) / 60 for d in runs]
+    one_run = len({d.get("command") for d in runs}) == 1 and runs[0].get("command", "").endswith("bench.py quality")
+    total = sum(minutes)
+    line = (f"Default quality run time: fidelity + ablation {minutes[0]:.1f} min, RULER {minutes[1]:.1f} min, long generation "
+            f"{minutes[2]:.1f} min, in all **{total:.1f} min** (issue 6's target: under 45 min on 2 CPU cores: "
+            f"{'met' if total < 45 else 'not met'})")
+    return [line + ("." if one_run else "; the three come from separate commands, so the total is their sum."), ""]
+
+
 def report(folder: Path, markdown: Path) -> str:
     results = load_results(folder)
     root = markdown.parent
@@ -528,6 +565,7 @@ def report(folder: Path, markdown: Path) -> str:
         parts.append("No results yet: run the commands above.")
     if any(s in results for s in ("fidelity", "ruler", "longgen")):
         parts += ["## Quality", ""]
+    parts += quality_time(results)
     if "fidelity" in results:
         parts += [rel(section_fidelity, results["fidelity"], cwd_img, root), ""]
     if "ruler" in results:
