@@ -533,8 +533,8 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
     bar = Progress("longgen", n * (1 + len(names)), not args.no_progress)
     bar.doing("full (recording the prefill)")
     full_logits = []
-    plans = {name: [decode_plan(b, name, len(prompt), db, budgets)[0] for db in budgets] for name in names}
-    window = plan_window([p for ps in plans.values() for p in ps])
+    made = {name: [decode_plan(b, name, len(prompt), db, budgets) for db in budgets] for name in names}  # (plan, parity)
+    window = plan_window([p for ps in made.values() for p, _ in ps])
     (full_out,), tape = drive(b.engine(CachePlan()), [prompt], None, n, ban_ids=ban, replay=b.replay, record_window=window,
                               on_logits=lambda t, x: full_logits.append(x[0].clone()))
     bar.done(n)
@@ -544,10 +544,10 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
              "per_question": longgen_score(text, sample.references), "kl": 0.0, "top1": 1.0, "prompt_tokens": len(prompt),
              "generated": len(full_out), "sample_output": text[:600]}]
     for name in names:
-        if any(p is None for p in plans[name]):
+        plans, parity = [p for p, _ in made[name]], made[name][0][1]
+        if any(p is None for p in plans):
             bar.done(n)
             continue
-        parity = decode_plan(b, name, len(prompt), budgets[0], budgets)[1]
         ok = b.replay_ok(f"longgen:{name}", lambda: decode_plan(b, name, len(prompt), budgets[-1], budgets)[0], prompt)
         # One batch: each budget generating freely, then each budget teacher-forced along full's output.
         k = len(budgets)
@@ -560,9 +560,9 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
                 kl[j].append(a[j].item())
                 top1[j].append(c[j].item())
 
-        engine = b.engine(max(plans[name], key=lambda p: p.pool_budget(len(prompt))))
+        engine = b.engine(max(plans, key=lambda p: p.pool_budget(len(prompt))))
         out, _ = drive(engine, [prompt] * (2 * k), [[]] * k + [full_out] * k, [n] * k + [0] * k, ban_ids=ban,
-                       on_logits=on_logits, row_plans=plans[name] * 2, tape=tape.repeat(2 * k) if ok else None, replay=b.replay)
+                       on_logits=on_logits, row_plans=plans * 2, tape=tape.repeat(2 * k) if ok else None, replay=b.replay)
         for j, db in enumerate(budgets):
             t = b.tokenizer.decode(out[j])
             per_q = longgen_score(t, sample.references)

@@ -63,7 +63,7 @@ def query_block(rows: int, row_elems: int, block_bytes: int = 2**24) -> int:
 
     Why: glibc serves allocations over 32 MB with fresh mmap'd pages, faulted in and zeroed on
     every use; each elementwise op on a [B, H, 4K, 4K] score tensor then pays that. In blocks
-    the temporaries are reused from the heap: the prefill scorers run 2-6x faster on CPU.
+    the temporaries are reused from the heap (the quality suites' run times in BENCHMARKS.md).
     """
     return max(1, block_bytes // (4 * rows * row_elems))
 

@@ -93,8 +93,7 @@ class ReplayModel(nn.Module):
         that prefill discards is not computed either."""
         self._mode, self._tape = "replay", tape
         saved = engine_module.attention, engine_module.causal_attention
-        engine_module.attention = lambda q, *args, **kwargs: torch.zeros_like(q)
-        engine_module.causal_attention = lambda q, *args, **kwargs: torch.zeros_like(q)
+        engine_module.attention = engine_module.causal_attention = lambda q, *args, **kwargs: torch.zeros_like(q)
         try:
             yield
         finally:

@@ -258,7 +258,7 @@ BY_DESIGN = {"snapkv": "the paper's max pooling, window 32, kernel 7; kvpress's 
 def ruler_parity(by: dict, ratios: list, n: int) -> list[str]:
     """Ours against kvpress for each method both have: equal at every ratio, or not (and why)."""
     shared = sorted({m for (m, r) in by if r is not None and (f"{m} (kvpress)", r) in by})
-    if not shared or not ratios:
+    if not shared:
         return []
     same = [m for m in shared if all(by.get((m, r), {}).get("score") == by.get((f"{m} (kvpress)", r), {}).get("score") for r in ratios)]
     other = [m for m in shared if m not in same]

@@ -192,9 +192,9 @@ class Engine:
                 out = attention(q, keys, values, q_pos, kpos, backend=self.prefill_backend)
             window_probs, extra = None, {}
             if plan.prefill.window > 0:
-                window_probs = self._window_probs(q, keys, values, q_pos, kpos, lengths, c0, plan.prefill.window)
+                window_probs = self._window_probs(q, keys, q_pos, kpos, lengths, c0, plan.prefill.window)
             elif plan.prefill.window < 0:  # every query of the chunk, summed (h2o)
-                window_probs = self._window_probs(q, keys, values, q_pos, kpos, lengths, c0, T, summed=True)
+                window_probs = self._window_probs(q, keys, q_pos, kpos, lengths, c0, T, summed=True)
             if getattr(plan.prefill, "needs_query", False):  # e.g. momentkv's MI reads queries and moments
                 extra = dict(window=self._window_queries(q, q_pos, lengths, c0, plan.prefill.window),
                              keep=self._layer_keep[layer], moments=plan.correction)
@@ -216,7 +216,7 @@ class Engine:
         return attend
 
     @staticmethod
-    def _window_probs(q, keys, values, q_pos, kpos, lengths, c0, window, summed=False):
+    def _window_probs(q, keys, q_pos, kpos, lengths, c0, window, summed=False):
         """Attention of each row's last `window` real queries of this chunk over the candidates.
 
         Returns [B, Hq, window, N] (summed: their sum, [B, Hq, 1, N]); rows of the window that
