@@ -65,11 +65,10 @@ def _worker(rank, world, store, folder, dtype, specs, prompts, new_tokens, compi
                   "bytes": parameter_bytes(model),
                   "local_heads": [model.args.num_heads, model.args.num_kv_heads]}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-        # Every rank done with its collectives before any tears the group down: a gloo rank whose peer
-        # closed the connection mid-teardown can abort (SIGABRT, "terminate called without an active exception").
-        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        from tinyengine.dist import shutdown  # every rank done before the group goes (see shutdown)
+
+        shutdown()
 
 
 def run_group(tmp_path, world, folder, specs, prompts, new_tokens, dtype="float64", compile=False):

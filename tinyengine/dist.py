@@ -49,7 +49,11 @@ def init_from_env(device: str) -> int:
 
 
 def shutdown():
+    """Tear the group down once every rank is done with its collectives: a gloo rank whose peer
+    closed the connection mid-teardown can abort (SIGABRT, "terminate called without an active
+    exception"), which failed torchrun runs now and then."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
