@@ -81,6 +81,27 @@ def run_group(tmp_path, world, folder, specs, prompts, new_tokens, dtype="float6
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def _shutdown_worker(rank, world, store, folder, out_dir):
+    from tinyengine.dist import shutdown
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = load_sharded_model(folder, rank, world, "cpu", torch.float32)
+    Engine(model, make_plan("full")).generate([[1, 2, 3]], 2)
+    shutdown()
+    threads = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(threads))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_shutdown_joins_the_gloo_threads_before_interpreter_exit(tmp_path, tiny_folder):
+    """Gloo threads left to the interpreter's exit can abort the rank (see dist.shutdown)."""
+    mp.spawn(_shutdown_worker, args=(2, str(tmp_path / "store"), str(tiny_folder), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert not [t for t in threads if "gloo" in t], f"rank {rank} still runs {threads} after shutdown()"
+
+
 # ----------------------------------------------------------------------------- a tiny real checkpoint
 
 
@@ -169,6 +190,12 @@ def test_world_not_dividing_kv_heads_is_refused_in_one_line(tiny_folder):
     assert "\n" not in msg
     assert msg == ("tensor parallel over 4 ranks needs num_key_value_heads (6) divisible by 4; "
                    "use --nproc-per-node 1, 2, 3 or 6")
+
+
+def test_a_shard_run_outside_its_group_is_refused_in_one_line(tiny_folder):
+    shard = load_sharded_model(tiny_folder, 0, 2, "cpu")  # loading to inspect needs no group
+    with pytest.raises(TinyEngineError, match="only inside its process group: start it with torchrun"):
+        Engine(shard, make_plan("full")).generate([[1, 2, 3]], 2)
 
 
 def test_rank_slices_are_the_matching_blocks(tiny_folder):

@@ -49,9 +49,15 @@ def init_from_env(device: str) -> int:
 
 
 def shutdown():
-    """Tear the group down once every rank is done with its collectives: a gloo rank whose peer
-    closed the connection mid-teardown can abort (SIGABRT, "terminate called without an active
-    exception"), which failed torchrun runs now and then."""
+    """Tear the group down once every rank is done with its collectives.
+
+    Nothing of ours may hold the group (the model's all-reduce hooks name it instead), so
+    destroy_process_group frees it here and joins gloo's worker threads. A group left to the
+    interpreter's exit aborted the rank now and then (SIGABRT, "terminate called without an
+    active exception") after its work was done: a worker thread still dropping the last
+    collective's tensors asks for the GIL during finalization and is unwound through a noexcept
+    destructor (gdb: ProcessGroupGloo::runLoop -> ~AsyncWork -> decref_pyobject -> take_gil).
+    """
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -151,17 +151,26 @@ def add_all_reduces(model: Transformer, group=None):
     """Sum the partial outputs of o_proj and down_proj over the ranks (forward hooks, as gpt-fast).
 
     The functional all_reduce traces into torch.compile'd code (the decode step), where the
-    eager c10d call would break the graph.
+    eager c10d call would break the graph. The hooks name the group rather than hold it: a
+    model that held the group would keep gloo's threads alive past `dist.shutdown`.
     """
     import torch.distributed._functional_collectives as fc
 
     group = group or dist.group.WORLD
+    name = group.group_name if group is not None else None  # None: loaded outside a group, to inspect
+
+    def all_reduce(_module, _inputs, out):
+        if name is None:
+            raise TinyEngineError("this rank's shard runs only inside its process group: start it with "
+                                  "torchrun and call tinyengine.dist.init_from_env before loading")
+        return fc.all_reduce(out, "sum", name)
+
     if getattr(model, "tp_hooks", None):
         return
     model.tp_hooks = []
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
-            model.tp_hooks.append(block.register_forward_hook(lambda _m, _i, out: fc.all_reduce(out, "sum", group)))
+            model.tp_hooks.append(block.register_forward_hook(all_reduce))
 
 
 def parameter_bytes(model: nn.Module) -> tuple[int, int]:
