@@ -183,8 +183,8 @@ _compiled_flex = None
 class Correction(nn.Module):
     """Per-layer moments of the evicted set [L, B, Hkv, ...] and, when `apply`, NC attention.
 
-    The engine calls `absorb` with each prefill chunk's dropped candidates, `absorb_slot` with
-    each decode victim, and `attention` for every attention over the cache. With apply=False
+    The engine calls `absorb` with each prefill chunk's dropped candidates, `absorb_slots` with
+    each decode step's victims, and `attention` for every attention over the cache. With apply=False
     (MomentKV's "MI alone") the moments are kept for the policy and attention is plain.
     """
 
@@ -225,18 +225,20 @@ class Correction(nn.Module):
         """Add the entries where mask [B, Hkv, N] is True (keys, values [B, Hkv, N, D]): a batch merge."""
         self._store(layer, merge(self.moments(layer), batch_moments(keys, values, mask)))
 
-    def absorb_one(self, layer: int, k, v, valid):
-        """Add one token per (row, kv head): k, v [B, Hkv, D]; valid [B, Hkv] (False: no-op)."""
-        one = (valid.float(), k.float(), v.float(), torch.zeros_like(self.C[layer]))
-        self._store(layer, merge(self.moments(layer), one))
+    def absorb_slots(self, slots, caches, pos):
+        """Add, in every layer at once, the token held in slot `slots[l]` [B, Hkv] of `caches[l]`;
+        pos [L, B, Hkv, S] is the slots' positions (an empty slot, position -1, adds nothing).
 
-    def absorb_slot(self, layer: int, slot, cache):
-        """Add the token held in `slot` [B, Hkv] of `cache` (an empty slot adds nothing)."""
-        idx = slot.unsqueeze(-1)
-        D = cache.k.shape[-1]
-        k = cache.k.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, D)).squeeze(2)
-        v = cache.v.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, D)).squeeze(2)
-        self.absorb_one(layer, k, v, cache.pos.gather(2, idx).squeeze(2) >= 0)
+        One merge over the stacked [L, ...] moments: a decode step's eviction costs a few dozen
+        small ops, not a few dozen per layer (the decode step's overhead is op count on CPU)."""
+        D = self.mu_k.shape[-1]
+        idx = slots[..., None, None].expand(-1, -1, -1, 1, D)
+        k = torch.stack([c.k.gather(2, idx[i]) for i, c in enumerate(caches)]).squeeze(3)
+        v = torch.stack([c.v.gather(2, idx[i]) for i, c in enumerate(caches)]).squeeze(3)
+        valid = pos.gather(3, slots.unsqueeze(-1)).squeeze(3) >= 0
+        one = (valid.float(), k.float(), v.float(), torch.zeros_like(self.C))
+        for buf, new in zip((self.n, self.mu_k, self.mu_v, self.C), merge((self.n, self.mu_k, self.mu_v, self.C), one)):
+            buf.copy_(new)
 
     # ---- attention
     def correct(self, layer: int, q, out, lse):

@@ -36,42 +36,54 @@ def moments64(k, v):
 
 @given(seed=st.integers(0, 10**6), ops=st.lists(st.sampled_from(["one", "batch", "empty"]), min_size=1, max_size=12))
 def test_moments_equal_batch_recomputation(seed, ops):
-    """After any sequence of single (decode) and batch (prefill) evictions, some of empty slots,
-    the online moments equal the moments of everything evicted, recomputed at once."""
+    """After any sequence of decode evictions (one slot per layer, row and head, some slots empty)
+    and prefill evictions (a batch, into layer 1), the online moments of every layer equal the
+    moments of everything evicted from it, recomputed at once. Layers hold different capacities."""
+    from types import SimpleNamespace
+
     g = torch.Generator().manual_seed(seed)
-    B, H, D = 2, 2, 4
+    L, B, H, D, caps = 2, 2, 2, 4, (3, 5)
     c = Correction()
-    c.allocate(2, B, H, D, "cpu")
-    evicted = [[[] for _ in range(H)] for _ in range(B)]
+    c.allocate(L, B, H, D, "cpu")
+    evicted = [[[[] for _ in range(H)] for _ in range(B)] for _ in range(L)]
     for op in ops:
         if op == "batch":
             n = int(torch.randint(1, 9, (1,), generator=g))
             k, v = torch.randn(B, H, n, D, generator=g) * 3 + 1, torch.randn(B, H, n, D, generator=g)
             mask = torch.rand(B, H, n, generator=g) < 0.6
             c.absorb(1, k, v, mask)
-        else:
-            k, v = torch.randn(B, H, 1, D, generator=g) * 3 + 1, torch.randn(B, H, 1, D, generator=g)
-            mask = (torch.rand(B, H, 1, generator=g) < 0.7) & (op == "one")
-            before = [t.clone() for t in c.moments(1)]
-            c.absorb_one(1, k[:, :, 0], v[:, :, 0], mask[:, :, 0])
             for b in range(B):
                 for h in range(H):
-                    if not mask[b, h, 0]:  # an empty slot: bit for bit no change, no branch
-                        assert all(torch.equal(x[b, h], y[b, h]) for x, y in zip(c.moments(1), before))
+                    evicted[1][b][h] += [(k[b, h, i], v[b, h, i]) for i in range(n) if mask[b, h, i]]
+            continue
+        caches = [SimpleNamespace(k=torch.randn(B, H, cap, D, generator=g) * 3 + 1, v=torch.randn(B, H, cap, D, generator=g))
+                  for cap in caps]
+        slots = torch.stack([torch.randint(0, cap, (B, H), generator=g) for cap in caps])
+        pos = torch.full((L, B, H, max(caps)), -1)
+        held = (torch.rand(L, B, H, generator=g) < 0.7) & (op == "one")  # else the slot is empty
+        pos.scatter_(3, slots.unsqueeze(-1), torch.where(held, 7, -1).unsqueeze(-1))
+        before = [t.clone() for t in (c.n, c.mu_k, c.mu_v, c.C)]
+        c.absorb_slots(slots, caches, pos)
+        for layer in range(L):
+            for b in range(B):
+                for h in range(H):
+                    if held[layer, b, h]:
+                        slot = slots[layer, b, h]
+                        evicted[layer][b][h].append((caches[layer].k[b, h, slot], caches[layer].v[b, h, slot]))
+                    else:  # an empty slot: bit for bit no change, no branch
+                        assert all(torch.equal(x[layer, b, h], y[layer, b, h]) for x, y in zip((c.n, c.mu_k, c.mu_v, c.C), before))
+    for layer in range(L):
+        n, mk, mv, C = c.moments(layer)
         for b in range(B):
             for h in range(H):
-                evicted[b][h] += [(k[b, h, i], v[b, h, i]) for i in range(k.shape[2]) if mask[b, h, i]]
-    n, mk, mv, C = c.moments(1)
-    for b in range(B):
-        for h in range(H):
-            if not evicted[b][h]:
-                assert n[b, h] == 0 and not C[b, h].any() and not mk[b, h].any()
-                continue
-            want = moments64(torch.stack([e[0] for e in evicted[b][h]]), torch.stack([e[1] for e in evicted[b][h]]))
-            assert n[b, h] == want[0]
-            for got, exp in zip((mk[b, h], mv[b, h], C[b, h]), want[1:]):
-                torch.testing.assert_close(got.double(), exp, atol=2e-5, rtol=1e-4)
-    assert not c.n[0].any()  # other layers untouched
+                got = evicted[layer][b][h]
+                if not got:
+                    assert n[b, h] == 0 and not C[b, h].any() and not mk[b, h].any()
+                    continue
+                want = moments64(torch.stack([e[0] for e in got]), torch.stack([e[1] for e in got]))
+                assert n[b, h] == want[0]
+                for x, exp in zip((mk[b, h], mv[b, h], C[b, h]), want[1:]):
+                    torch.testing.assert_close(x.double(), exp, atol=2e-5, rtol=1e-4)
 
 
 def test_batch_moments_definition():

@@ -253,8 +253,7 @@ class Engine:
         in_pool = self.pos >= (0 if plan.unified else self.prompt_len[:, None, None])
         victim = choose_victim(self.step_scores, self.pos, in_pool, self.pool_budget)  # [L, B, Hkv]
         if plan.correction is not None:  # the victims join the evicted set's moments (an empty slot adds nothing)
-            for i, cache in enumerate(self.caches):
-                plan.correction.absorb_slot(i, victim[i], cache)
+            plan.correction.absorb_slots(victim, self.caches, self.pos)
         self.pos.scatter_(-1, victim.unsqueeze(-1), -1)
         self.next_slot.copy_(victim)
 
