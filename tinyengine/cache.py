@@ -47,11 +47,15 @@ class KVCache(nn.Module):
 
         k, v: [B, Hkv, D]; pos: [B] (the same position for every head of a row).
         """
-        idx = slot.unsqueeze(-1)
-        D = k.shape[-1]
-        self.k.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, D), k.unsqueeze(2))
-        self.v.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, D), v.unsqueeze(2))
-        self.pos.scatter_(2, idx, pos.view(-1, 1, 1).expand_as(idx))
+        # index_put_, not scatter_: inductor keeps index_put_ on the buffer in place, while a
+        # scatter_ made the compiled step copy the layer's whole K and V into a temporary and
+        # back at every step (tests/test_engine.py::test_compiled_decode_writes_the_cache_in_place).
+        B, Hkv = slot.shape
+        rows = torch.arange(B, device=slot.device)[:, None]
+        heads = torch.arange(Hkv, device=slot.device)[None, :]
+        self.k.index_put_((rows, heads, slot), k)
+        self.v.index_put_((rows, heads, slot), v)
+        self.pos.index_put_((rows, heads, slot), pos[:, None].expand(B, Hkv))
 
     def fill(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Prefill write: the first n slots get k, v [B, Hkv, n, D] and pos [B, Hkv, n]; the rest are emptied."""
