@@ -283,6 +283,32 @@ def test_quality_smoke_and_report(tmp_path):
         assert (tmp_path / "docs" / "bench" / png).stat().st_size > 1000
 
 
+def test_flat_cost_smoke_times_each_policy_against_full_holding_its_budget(tmp_path):
+    """`bench.py speed --parts flat`: full at every context, each policy at the larger one, and
+    each policy's overhead from rounds timed in alternation with full holding the same tokens."""
+    out, md = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    cmd = [sys.executable, str(ROOT / "bench.py"), "speed", "--smoke", "--parts", "flat", "--policies", "h2o,momentkv,momentum",
+           "--no-kvpress", "--no-progress", "--out", str(out), "--markdown", str(md)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = out.glob("flatcost-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    full = {r["context"]: r for r in rows if r["method"] == "full"}
+    assert sorted(full) == [64, 256] and all(r["decode_tok_s"] > 0 for r in full.values())
+    policies = {r["method"]: r for r in rows if r["method"] != "full"}
+    assert set(policies) == {"h2o", "momentkv", "snapkv+momentum"}  # momentum is decode-only: composed to hold the budget
+    for r in policies.values():
+        assert r["context"] == 256 and r["paired_rounds"] == 5 and r["paired_steps"] == 8
+        assert r["kv_bytes"] < full[256]["kv_bytes"]  # it holds its budget, not the context
+        assert r["vs_full_same_tokens"] == pytest.approx(r["decode_tok_s"] / r["full_same_tokens_tok_s"])
+        assert 0.1 < r["vs_full_same_tokens"] < 10
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "report", "--out", str(out), "--markdown", str(md)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = md.read_text()
+    assert "timed in alternation (5 rounds of 8 steps each" in text and "| momentkv | eager |" in text
+
+
 def test_policy_specs_and_the_runtime_replay_check(tiny):
     import bench
 

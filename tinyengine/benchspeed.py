@@ -213,13 +213,17 @@ def time_to_first_output(cmd, env) -> tuple[float, float]:
     return first, time.perf_counter() - t
 
 
+PAIRED = 5  # rounds of a policy and full holding the same tokens, timed in alternation
+
+
 def flat_cost_rows(b, args, size, bar, notes) -> list[dict]:
     """Decode tok/s against context length: full holding the whole context, each policy at a fixed
     budget. The prompt is prefilled once per context (recorded) and replayed into each policy's
     prefill (tinyengine/benchkit.py), so only decode is timed. In the engine's default mode on the
     device (eager on CPU, compiled on CUDA); both with --compile-flat (one compile per plan).
-    Each policy's overhead is its rate over full holding the same `budget` tokens, timed right
-    after it: the machine drifts by more than 5% over a run, the target."""
+    Each policy's overhead is its rate over full holding the same `budget` tokens, the two timed
+    in alternation (`PAIRED` rounds, the fastest of each): the machine drifts by more than the
+    5% target over a run, and even between two runs timed one after the other."""
     from policies import POLICIES
     from policies.base import CachePlan
     from tinyengine.benchkit import PressBank, capacities, drive, hf_continue, make_press, plan_window
@@ -267,13 +271,18 @@ def flat_cost_rows(b, args, size, bar, notes) -> list[dict]:
                 continue  # nothing to evict
             for mode in modes:
                 bar.doing(f"flat-cost: {spec} {mode}, context {C}")
-                r = decode_rate(b, plan, prompt, tape, new, mode == "compiled", compiled_engines, key=spec)
-                row = {"table": "context", "engine": "tinyengine", "method": spec, "mode": mode, "context": C, "budget": budget, **r}
-                if reference is not None:  # the policy's own overhead: full holding the same tokens, timed right after
-                    ref = decode_rate(b, CachePlan(), reference[0], reference[1], new, mode == "compiled", compiled_engines,
-                                      key="full holding the budget")
-                    row.update(full_same_tokens_tok_s=ref["decode_tok_s"], vs_full_same_tokens=r["decode_tok_s"] / ref["decode_tok_s"])
-                rows.append(row)
+                compiled = mode == "compiled"
+                if reference is None:
+                    r = decode_rate(b, plan, prompt, tape, new, compiled, compiled_engines, key=spec)
+                else:  # the policy's own overhead: full holding the same tokens, timed in alternation with it
+                    chunk, info = ready_decode(b, plan, prompt, tape, new, compiled, compiled_engines, spec, PAIRED)
+                    ref_chunk, _ = ready_decode(b, CachePlan(), *reference, new, compiled, compiled_engines,
+                                                "full holding the budget", PAIRED)
+                    r, ref = paired_decode_rates(chunk, ref_chunk, new, PAIRED)
+                    r.update(info, full_same_tokens_tok_s=ref["decode_tok_s"], vs_full_same_tokens=r["decode_tok_s"] / ref["decode_tok_s"],
+                             paired_rounds=PAIRED, paired_steps=new)
+                rows.append({"table": "context", "engine": "tinyengine", "method": spec, "mode": mode, "context": C,
+                             "budget": budget, **r})
         tape = None  # (the reference holds its own)
         bar.done(1)
         if args.kvpress:
@@ -295,9 +304,9 @@ def flat_cost_rows(b, args, size, bar, notes) -> list[dict]:
     return rows
 
 
-def decode_rate(b, plan, prompt, tape, new, compiled, engines, key=None, repeats: int = 3) -> dict:
-    """Time `new` decode steps after a replayed prefill (two warm-up steps first), `repeats` times
-    in a row: the fastest run counts (this machine's noise only ever adds time)."""
+def ready_decode(b, plan, prompt, tape, new, compiled, engines, key=None, chunks: int = 3):
+    """Prefill (replayed) and two warm-up steps; returns (chunk, info): chunk() times the next
+    `new` decode steps (at most `chunks` calls), info the engine's first step and bytes."""
     from tinyengine.benchkit import capacities, pad
     from tinyengine.engine import Engine
 
@@ -307,17 +316,41 @@ def decode_rate(b, plan, prompt, tape, new, compiled, engines, key=None, repeats
         if compiled and key:
             engines[key] = engine
     tokens, lengths = pad(prompt, engine.device)
-    engine.setup(1, capacities(engine, prompt, repeats * new + 4))
+    engine.setup(1, capacities(engine, prompt, chunks * new + 4))
     with torch.inference_mode():
         with b.replay.replaying(tape):
             logits = engine.prefill(tokens, lengths)
         tok = logits.argmax(-1)[:, None]
-        pos = lengths[:, None].clone()
+        pos = lengths[:, None] + 0
         t_first, _ = timed(lambda: engine.decode_step(tok, pos))
         engine.decode_step(tok, pos + 1)
-        dt = min(timed(lambda: [engine.decode_step(tok, pos + 2 + r * new + i) for i in range(new)])[0] for r in range(repeats))
-    return {"decode_tok_s": new / dt, "decode_step_ms": 1000 * dt / new, "kv_bytes": engine.kv_bytes(),
-            "state_bytes": engine.state_bytes(), "first_step_s": t_first}
+    done = [0]
+
+    @torch.inference_mode()
+    def chunk() -> float:
+        start = pos + 2 + done[0] * new
+        done[0] += 1
+        return timed(lambda: [engine.decode_step(tok, start + i) for i in range(new)])[0]
+
+    return chunk, {"kv_bytes": engine.kv_bytes(), "state_bytes": engine.state_bytes(), "first_step_s": t_first}
+
+
+def rate(new: int, dt: float) -> dict:
+    return {"decode_tok_s": new / dt, "decode_step_ms": 1000 * dt / new}
+
+
+def decode_rate(b, plan, prompt, tape, new, compiled, engines, key=None, repeats: int = 3) -> dict:
+    """Time `new` decode steps after a replayed prefill, `repeats` times in a row: the fastest
+    run counts (this machine's noise only ever adds time)."""
+    chunk, info = ready_decode(b, plan, prompt, tape, new, compiled, engines, key, repeats)
+    return {**rate(new, min(chunk() for _ in range(repeats))), **info}
+
+
+def paired_decode_rates(first, second, new: int, repeats: int = 5) -> tuple[dict, dict]:
+    """Two ready decodes (ready_decode's chunks) timed in alternation, the fastest of each: a
+    ratio of the two is not skewed by the machine drifting between them."""
+    times = [(first(), second()) for _ in range(repeats)]
+    return rate(new, min(a for a, _ in times)), rate(new, min(b for _, b in times))
 
 
 # ----------------------------------------------------------------------------- memory (subprocesses)
