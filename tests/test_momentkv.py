@@ -39,7 +39,7 @@ def test_moments_equal_batch_recomputation(seed, ops):
     """After any sequence of decode evictions (one slot per layer, row and head, some slots empty)
     and prefill evictions (a batch, into layer 1), the online moments of every layer equal the
     moments of everything evicted from it, recomputed at once. Layers hold different capacities."""
-    from types import SimpleNamespace
+    from tinyengine.cache import KVCache
 
     g = torch.Generator().manual_seed(seed)
     L, B, H, D, caps = 2, 2, 2, 4, (3, 5)
@@ -56,10 +56,12 @@ def test_moments_equal_batch_recomputation(seed, ops):
                 for h in range(H):
                     evicted[1][b][h] += [(k[b, h, i], v[b, h, i]) for i in range(n) if mask[b, h, i]]
             continue
-        caches = [SimpleNamespace(k=torch.randn(B, H, cap, D, generator=g) * 3 + 1, v=torch.randn(B, H, cap, D, generator=g))
-                  for cap in caps]
+        pos = torch.full((L, B, H, max(caps)), -1)  # the engine's stacked slot positions, viewed per layer
+        caches = [KVCache(B, H, cap, D, torch.float32, "cpu", pos=pos[i, :, :, :cap]) for i, cap in enumerate(caps)]
+        for cache in caches:
+            cache.k.copy_(torch.randn(cache.k.shape, generator=g) * 3 + 1)
+            cache.v.copy_(torch.randn(cache.v.shape, generator=g))
         slots = torch.stack([torch.randint(0, cap, (B, H), generator=g) for cap in caps])
-        pos = torch.full((L, B, H, max(caps)), -1)
         held = (torch.rand(L, B, H, generator=g) < 0.7) & (op == "one")  # else the slot is empty
         pos.scatter_(3, slots.unsqueeze(-1), torch.where(held, 7, -1).unsqueeze(-1))
         before = [t.clone() for t in (c.n, c.mu_k, c.mu_v, c.C)]

@@ -380,14 +380,17 @@ def section_flatcost(d: dict, img: Path) -> str:
     if ctx:
         budget = next((r["budget"] for r in ctx if r.get("budget")), None)
         paired = next((r for r in ctx if r.get("paired_rounds")), None)
+        if paired:
+            timing = (f"the two timed in alternation ({paired['paired_rounds']} rounds of {paired['paired_steps']} steps each, "
+                      "the fastest of each) so that the machine's drift cancels")
+        elif any("full_same_tokens_tok_s" in r for r in ctx):
+            timing = "timed right after the policy so that the machine's drift over the run cancels"
+        else:
+            timing = "timed once at the start of the run"
         out += [f"### Decode speed against context length (policies at budget {budget})", "", provenance(d), "",
                 "The cost of a decode step follows the cache a policy holds, not the context: full holds the whole "
                 f"context, every policy {budget} entries per kv head. `vs full` compares each policy with full holding "
-                f"the same {budget} tokens (context {budget})"
-                + (f", the two timed in alternation ({paired['paired_rounds']} rounds of {paired['paired_steps']} steps "
-                   "each, the fastest of each) so that the machine's drift cancels" if paired
-                   else ", timed right after the policy so that the machine's drift over the run cancels"
-                   if any("full_same_tokens_tok_s" in r for r in ctx) else ", timed once at the start of the run")
+                f"the same {budget} tokens (context {budget}), {timing}"
                 + ": the policy's own overhead. transformers and kvpress "
                 "(SnapKVPress at the ratio that keeps the same budget) decode on their DynamicCache in the same run.", ""]
         contexts = sorted({r["context"] for r in ctx})

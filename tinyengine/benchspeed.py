@@ -14,6 +14,7 @@ attention  reference vs SDPA vs flex for prefill and decode shapes of the model 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -321,15 +322,14 @@ def ready_decode(b, plan, prompt, tape, new, compiled, engines, key=None, chunks
         with b.replay.replaying(tape):
             logits = engine.prefill(tokens, lengths)
         tok = logits.argmax(-1)[:, None]
-        pos = lengths[:, None] + 0
+        pos = lengths[:, None].clone()
         t_first, _ = timed(lambda: engine.decode_step(tok, pos))
         engine.decode_step(tok, pos + 1)
-    done = [0]
+    calls = itertools.count()
 
     @torch.inference_mode()
     def chunk() -> float:
-        start = pos + 2 + done[0] * new
-        done[0] += 1
+        start = pos + 2 + next(calls) * new
         return timed(lambda: [engine.decode_step(tok, start + i) for i in range(new)])[0]
 
     return chunk, {"kv_bytes": engine.kv_bytes(), "state_bytes": engine.state_bytes(), "first_step_s": t_first}

@@ -27,6 +27,9 @@ class KVCache(nn.Module):
         elif pos.shape != shape[:3] or pos.dtype != torch.long:
             raise ValueError(f"pos must be a {list(shape[:3])} int64 tensor (got {list(pos.shape)} {pos.dtype})")
         self.register_buffer("pos", pos.fill_(-1), persistent=False)
+        # write()'s row and head indices, made once rather than at every decode step
+        self.register_buffer("rows", torch.arange(batch, device=device)[:, None], persistent=False)
+        self.register_buffer("heads", torch.arange(kv_heads, device=device)[None, :], persistent=False)
 
     @property
     def capacity(self) -> int:
@@ -50,12 +53,10 @@ class KVCache(nn.Module):
         # index_put_, not scatter_: inductor keeps index_put_ on the buffer in place, while a
         # scatter_ made the compiled step copy the layer's whole K and V into a temporary and
         # back at every step (tests/test_engine.py::test_compiled_decode_writes_the_cache_in_place).
-        B, Hkv = slot.shape
-        rows = torch.arange(B, device=slot.device)[:, None]
-        heads = torch.arange(Hkv, device=slot.device)[None, :]
-        self.k.index_put_((rows, heads, slot), k)
-        self.v.index_put_((rows, heads, slot), v)
-        self.pos.index_put_((rows, heads, slot), pos[:, None].expand(B, Hkv))
+        index = (self.rows, self.heads, slot)
+        self.k.index_put_(index, k)
+        self.v.index_put_(index, v)
+        self.pos.index_put_(index, pos[:, None].expand_as(slot))
 
     def fill(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Prefill write: the first n slots get k, v [B, Hkv, n, D] and pos [B, Hkv, n]; the rest are emptied."""
