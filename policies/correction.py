@@ -45,8 +45,9 @@ that remains is exact and per token (used by MI):
 Two ways to get lse_K, one formula (`nc_merge`):
   - flex (CUDA): FlexAttention over the cache returns (o_K, lse) with return_lse=True; merge.
   - reference (CPU, and any backend when the policy needs the probabilities): the reference
-    softmax gives o_K and the probabilities p; lse_K = tau q.k* - log p* at the most probable
-    slot k* (p* >= 1/S, so the log is accurate). No copy of the cache, one key gathered per head.
+    softmax gives o_K and the probabilities p, and lse_K = m - log p_max from the largest
+    scaled score m and the largest probability (p_max >= 1/S, so the log is accurate). The scores are returned as well: MomentKV's MI at
+    decode reads them instead of taking a second pass over the keys.
 Compiled flex on CPU cannot return the LSE, so the CPU path is always the reference one.
 Equivalently one could append the virtual slot to the cache and pass log n through
 score_mod; the merge is the same number without reserving a slot.
@@ -69,7 +70,7 @@ import math
 import torch
 from torch import nn
 
-from tinyengine.attention import reference_attention
+from tinyengine.attention import attention_logits, reference_attention
 
 Moments = tuple  # (n [...], mu_k [..., D], mu_v [..., D], C [..., D, D]), float32
 
@@ -129,32 +130,28 @@ def nc_merge(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, moments: Mom
     return corrected, w
 
 
-def reference_lse(q, k, probs):
-    """lse of the retained scores from the reference probabilities: tau q.k* - log p* at the argmax."""
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    p_star, j = probs.max(dim=-1)  # [B, Hq, T]
-    k_star = k.gather(2, j.reshape(B, Hkv, -1, 1).expand(-1, -1, -1, D)).reshape(B, Hq, T, D)
-    # Rounded as reference_attention rounds its scores (a matmul in the cache dtype, then float),
-    # so that lse matches the probabilities in bf16 too.
-    logit = (q.unsqueeze(-2) @ k_star.unsqueeze(-1)).view(B, Hq, T).float() * (1.0 / math.sqrt(D))
-    return logit - p_star.log()
-
-
 def nc_attention(q, k, v, q_pos, kv_pos, moments: Moments, backend: str = "reference", need_probs: bool = True):
-    """Attention over cache slots plus the NC correction: (out, probs or None, w_E).
+    """Attention over cache slots plus the NC correction: (out, probs or None, w_E, logits or None).
 
     probs [B, Hq, T, S] are the retained slots' probabilities under the corrected softmax (they
-    sum to 1 - w_E). backend "flex" on CUDA without need_probs takes the LSE from FlexAttention;
-    everything else uses the reference softmax.
+    sum to 1 - w_E); logits [B, Hkv, G * T, S] the scaled scores they came from
+    (tinyengine.attention.attention_logits), which MomentKV's decode-time MI reuses. backend
+    "flex" on CUDA without need_probs takes the LSE from FlexAttention; everything else uses the
+    reference softmax, and lse_K from its largest score and probability.
     """
+    B, Hq, T, D = q.shape
     if backend == "flex" and q.is_cuda and not need_probs:
         out, lse = flex_with_lse(q, k, v, q_pos, kv_pos)
         out, w = nc_merge(q, out, lse, moments)
-        return out, None, w
-    out, probs = reference_attention(q, k, v, q_pos, kv_pos)
-    out, w = nc_merge(q, out, reference_lse(q, k, probs), moments)
-    return out, probs * (1 - w).unsqueeze(-1), w
+        return out, None, w, None
+    logits = attention_logits(q, k, q_pos, kv_pos)
+    probs = torch.softmax(logits, dim=-1)
+    out = (probs.to(v.dtype) @ v).view(B, Hq, T, D)
+    # lse_K from the softmax it normalized: at the largest score m, p_max = e^{m - lse_K}
+    # (p_max >= 1/S, so the log is accurate; four small ops where logsumexp takes a dozen)
+    lse_k = logits.amax(-1) - probs.amax(-1).log()
+    out, w = nc_merge(q, out, lse_k.view(B, Hq, T), moments)
+    return out, (probs.view(B, Hq, T, -1) * (1 - w).unsqueeze(-1)), w, logits
 
 
 def flex_with_lse(q, k, v, q_pos, kv_pos):
@@ -229,16 +226,28 @@ class Correction(nn.Module):
         """Add, in every layer at once, the token held in slot `slots[l]` [B, Hkv] of `caches[l]`;
         pos [L, B, Hkv, S] is the slots' positions (an empty slot, position -1, adds nothing).
 
-        One merge over the stacked [L, ...] moments: a decode step's eviction costs a few dozen
-        small ops, not a few dozen per layer (the decode step's overhead is op count on CPU)."""
+        One update over the stacked [L, ...] moments, so a decode step's eviction costs a dozen
+        ops, not a dozen per layer. It is `merge` with B = one token (Welford), written in place:
+        with f_B = 1/n, f_A = 1 - f_B, d = token - mean,
+            mu += f_B d,   C += f_B (f_A d_v d_k^T - C)
+        so C [L, B, Hkv, D, D], by far the largest buffer, takes one batched outer product and one
+        fused multiply-add (the general merge made eight passes over it and a copy back: 1.3 ms
+        per step for SmolLM2, more than the step's attention). An empty slot has f_B = 0 and adds
+        exact zeros: the moments stay bit for bit unchanged, with no branch."""
         D = self.mu_k.shape[-1]
         idx = slots[..., None, None].expand(-1, -1, -1, 1, D)
-        k = torch.stack([c.k.gather(2, idx[i]) for i, c in enumerate(caches)]).squeeze(3)
-        v = torch.stack([c.v.gather(2, idx[i]) for i, c in enumerate(caches)]).squeeze(3)
-        valid = pos.gather(3, slots.unsqueeze(-1)).squeeze(3) >= 0
-        one = (valid.float(), k.float(), v.float(), torch.zeros_like(self.C))
-        for buf, new in zip((self.n, self.mu_k, self.mu_v, self.C), merge((self.n, self.mu_k, self.mu_v, self.C), one)):
-            buf.copy_(new)
+        k = torch.stack([c.k.gather(2, idx[i]) for i, c in enumerate(caches)]).squeeze(3).float()
+        v = torch.stack([c.v.gather(2, idx[i]) for i, c in enumerate(caches)]).squeeze(3).float()
+        valid = (pos.gather(3, slots.unsqueeze(-1)).squeeze(3) >= 0).float()
+        self.n.add_(valid)
+        f_b = valid / self.n.clamp(min=1.0)
+        f_a = 1.0 - f_b
+        d_k, d_v = k - self.mu_k, v - self.mu_v
+        self.mu_k.addcmul_(f_b.unsqueeze(-1), d_k)
+        self.mu_v.addcmul_(f_b.unsqueeze(-1), d_v)
+        C = self.C.view(-1, D, D)
+        step = torch.baddbmm(C, (f_a.unsqueeze(-1) * d_v).view(-1, D, 1), d_k.view(-1, 1, D), beta=-1)  # f_A d_v d_k^T - C
+        C.addcmul_(f_b.view(-1, 1, 1), step)
 
     # ---- attention
     def correct(self, layer: int, q, out, lse):
@@ -247,12 +256,13 @@ class Correction(nn.Module):
         return nc_merge(q, out, lse, self.moments(layer))[0]
 
     def attention(self, layer: int, q, k, v, q_pos, kv_pos, backend: str = "reference", need_probs: bool = True):
-        """(out, probs) over the slots, corrected when apply_nc; probs [B, Hq, T, S] or None."""
+        """(out, probs, scores) over the slots, corrected when apply_nc; probs [B, Hq, T, S] or None;
+        scores: (logits, w_E) of nc_attention for MomentKV's decode-time MI, or None."""
         if not self.apply_nc:
             if need_probs or backend == "reference":
-                return reference_attention(q, k, v, q_pos, kv_pos)
+                return *reference_attention(q, k, v, q_pos, kv_pos), None
             from tinyengine.attention import attention
 
-            return attention(q, k, v, q_pos, kv_pos, backend=backend), None
-        out, probs, _ = nc_attention(q, k, v, q_pos, kv_pos, self.moments(layer), backend, need_probs)
-        return out, probs
+            return attention(q, k, v, q_pos, kv_pos, backend=backend), None, None
+        out, probs, w, logits = nc_attention(q, k, v, q_pos, kv_pos, self.moments(layer), backend, need_probs)
+        return out, probs, (None if logits is None else (logits, w))

@@ -168,6 +168,39 @@ def mi_cost(q, allowed, keys, values, current: Moments, reference: Moments, kind
     return cost.view(B, Hq, T, N)
 
 
+def mi_cost_decode(q, probs, logits, w, out, values, pos, current: Moments) -> torch.Tensor:
+    """mi_cost for one decode query per row (kind "nc", measured against the current summary),
+    from the numbers NC attention already has: [B, Hq, S].
+
+    q [B, Hq, 1, D]; probs [B, Hq, S] = e^{logits - lse}, the retained slots' probabilities
+    under the corrected softmax; logits [B, Hkv, G, S], their scaled scores (-inf on empty
+    slots); w [B, Hq, 1] = w_E; out [B, Hq, 1, D], the corrected output; values [B, Hkv, S, D].
+    Same quantity as `mi_cost` (compared on random inputs in tests/test_momentkv.py), without
+    its second pass over the keys or its softmax, in a third of its ops (the decode step on a
+    CPU pays per op):
+      - pbar = e^{lbar} / Z = w_E / n, since w_E = n e^{lbar} / Z;
+      - pbar phi(x_i) = p_i - pbar (1 + x_i), since p_i = pbar e^{x_i} (exact; near x = 0 the
+        two terms cancel to ~1e-7 pbar, far below any score difference, where `mi_cost`
+        evaluates expm1);
+      - ||v_i - o||^2 = ||v_i||^2 - 2 o.v_i + ||o||^2, one batched matmul over the values.
+    """
+    B, Hkv, G, S = logits.shape
+    D = q.shape[-1]
+    n, mu_k = current[0], current[1]
+    qg = q.float().reshape(B, Hkv, G, D)
+    lbar = (qg @ mu_k.unsqueeze(-1)) * (1.0 / math.sqrt(D))  # [B, Hkv, G, 1]
+    pbar = w.float().view(B, Hkv, G, 1) / n.clamp(min=1.0)[..., None, None]
+    weight = probs.float().view(B, Hkv, G, S) - pbar * (1 + (logits - lbar))  # -inf/NaN on empty slots, masked below
+    o = out.float().reshape(B * Hkv, G, D)
+    v = values.float().reshape(B * Hkv, S, D)
+    d2 = torch.baddbmm((o * o).sum(-1, keepdim=True) + (v * v).sum(-1).unsqueeze(1), o, v.transpose(-1, -2), alpha=-2)
+    valid = (pos >= 0).unsqueeze(2)
+    d2 = d2.view(B, Hkv, G, S).clamp(min=0) * valid
+    rms2 = d2.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+    cost = torch.where(valid, weight.clamp(min=0) * (d2 / rms2.clamp(min=1e-20)).sqrt(), 0.0)
+    return (cost * (n > 0)[..., None, None]).view(B, Hkv * G, S)
+
+
 def mi_cost_sum(q, allowed, keys, values, current: Moments, reference: Moments, kind: str = "nc") -> torch.Tensor:
     """mi_cost summed over the queries, [B, Hq, N]: in query blocks, whose temporaries stay small
     (tinyengine.attention.query_block)."""
@@ -195,7 +228,7 @@ class MomentKV(Policy):
     has_prefill = True
     has_decode = True
     needs_probs = True
-    needs_query = True  # the engine passes queries, the cache/candidates and the moments
+    needs_query = True  # the engine passes queries, the cache/candidates, the moments and NC attention's scores
     window = 512  # prefill observation window (queries): at least the prompt, so every prompt query votes (docstring, 5)
     kernel = 1  # pooling width over neighbouring slots (odd); 1: no pooling (SnapKV's is 7)
     pooling = "max"  # as snapkv: max or avg
@@ -291,14 +324,17 @@ class MomentKV(Policy):
         self._cand[layer] = raw + self.mi_weight * cost
         return torch.where(base >= PROTECT, base, base + self.mi_weight * cost)
 
-    def decode_scores(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None):
+    def decode_scores(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None):
         Hkv = pos.shape[1]
         a = received_attention(probs, Hkv, self.per_kv_head)
         if self.mi != "none" and moments is not None:
             current = moments.moments(layer)
-            allowed = (pos >= 0).unsqueeze(2)  # at decode every cached token precedes the query
-            out = out if moments.apply_nc else None  # MI alone: the output NC would give, computed
-            cost = mi_cost(query, allowed, cache.k, cache.v, current, current, self.mi, out)[:, :, 0]
+            if self.mi == "nc" and attn_scores is not None:  # NC attention's own scores: the fast path
+                cost = mi_cost_decode(query, probs, *attn_scores, out, cache.v, pos, current)
+            else:
+                allowed = (pos >= 0).unsqueeze(2)  # at decode every cached token precedes the query
+                out = out if moments.apply_nc else None  # MI alone: the output NC would give, computed
+                cost = mi_cost(query, allowed, cache.k, cache.v, current, current, self.mi, out)[:, :, 0]
             B, Hq, S = cost.shape
             if self.per_kv_head:
                 cost = cost.view(B, Hkv, Hq // Hkv, S).mean(2)

@@ -40,13 +40,14 @@ def reference_attention(q, k, v, q_pos, kv_pos, kv_bias=None):
     """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> (out [B, Hq, T, D], probs [B, Hq, T, S])."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    probs = _probs(q, k, q_pos, kv_pos, kv_bias)
-    out = probs.to(v.dtype).view(B, Hkv, Hq // Hkv * T, S) @ v
+    probs = torch.softmax(attention_logits(q, k, q_pos, kv_pos, kv_bias), dim=-1)
+    out = probs.to(v.dtype) @ v
     return out.view(B, Hq, T, D), probs.view(B, Hq, T, S)
 
 
-def _probs(q, k, q_pos, kv_pos, kv_bias=None):
-    """Softmax over slots, [B, Hkv, G, T, S] (float32)."""
+def attention_logits(q, k, q_pos, kv_pos, kv_bias=None):
+    """Scaled scores over slots, -inf where the slot rule forbids: [B, Hkv, G * T, S] (float32),
+    the query heads of each kv head's group folded into the query axis (G = Hq / Hkv)."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -55,7 +56,7 @@ def _probs(q, k, q_pos, kv_pos, kv_bias=None):
     if kv_bias is not None:
         scores = scores + kv_bias[:, :, None, None, :]
     allowed = slot_mask(q_pos, kv_pos)[:, :, None]
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return scores.masked_fill(~allowed, float("-inf")).view(B, Hkv, G * T, S)
 
 
 def query_block(rows: int, row_elems: int, block_bytes: int = 2**24) -> int:
@@ -81,7 +82,7 @@ def attention_probs(q, k, q_pos, kv_pos, weight=None, summed=False):
     step = query_block(B * Hq, S)
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        block = _probs(q[:, :, t0:t1], k, q_pos[:, t0:t1], kv_pos).view(B, Hq, t1 - t0, S)
+        block = torch.softmax(attention_logits(q[:, :, t0:t1], k, q_pos[:, t0:t1], kv_pos), -1).view(B, Hq, t1 - t0, S)
         if weight is not None:
             block = block * weight[:, None, t0:t1, None]
         if summed:

@@ -264,18 +264,18 @@ class Engine:
             slot = self.next_slot[layer]
             cache.write(slot, k[:, :, 0], v[:, :, 0], pos)
             policy, nc = plan.decode, plan.correction
-            need = policy is not None and policy.needs_probs
+            need, scores = policy is not None and policy.needs_probs, None
             if nc is not None:  # NC (or, for MI alone, plain attention): policies/correction.py
-                out, probs = nc.attention(layer, q, cache.k, cache.v, pos[:, None], cache.pos, self.decode_backend, need)
+                out, probs, scores = nc.attention(layer, q, cache.k, cache.v, pos[:, None], cache.pos, self.decode_backend, need)
             elif need or self.decode_backend == "reference":
                 out, probs = reference_attention(q, cache.k, cache.v, pos[:, None], cache.pos)
             else:
                 out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
             if policy is not None:  # its scores wait for the end of the step (_free_slots)
                 probs = None if probs is None else probs[:, :, 0]
-                extra = dict(query=q, out=out, cache=cache, moments=nc) if getattr(policy, "needs_query", False) else {}
-                scores = policy.decode_scores(layer, probs, cache.pos, slot, **extra)
-                self.step_scores[layer, :, :, : scores.shape[-1]].copy_(scores)
+                extra = dict(query=q, out=out, cache=cache, moments=nc, attn_scores=scores) if getattr(policy, "needs_query", False) else {}
+                keep = policy.decode_scores(layer, probs, cache.pos, slot, **extra)
+                self.step_scores[layer, :, :, : keep.shape[-1]].copy_(keep)
             return out
 
         return attend
