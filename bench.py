@@ -484,7 +484,7 @@ def score_rows(scores, key, g, out, samples, tokenizer):
 def ruler_kvpress(b, presses, ratios, samples, segs, scores, bar):
     import torch
 
-    from tinyengine.benchkit import PressBank, hf_continue, make_press
+    from tinyengine.benchkit import PressBank, hf_continue, make_press, stack_caches
 
     stop = b.tokenizer.stop_token_ids
     for i, s in enumerate(samples):
@@ -493,14 +493,14 @@ def ruler_kvpress(b, presses, ratios, samples, segs, scores, bar):
         bar.doing(f"kvpress prefill, {s.task} {s.length} tokens")
         first, compressed, full = PressBank(b.hf, bank).prefill(torch.tensor([ctx]))
         bar.done(len(ctx) / 200)
-        out = hf_continue(b.hf, full, len(ctx), q, s.max_new_tokens, stop_ids=stop, first_logits=first)
-        score_rows(scores, ("full", "kvpress", None), [i], [out], samples, b.tokenizer)
-        for p in presses:
-            for r in ratios:
-                bar.doing(f"kvpress {p} ratio={r}, {s.task} {s.length} tokens")
-                out = hf_continue(b.hf, compressed[f"{p}@{r}"], len(ctx), q, s.max_new_tokens, stop_ids=stop, first_logits=first)
-                score_rows(scores, (p, "kvpress", r), [i], [out], samples, b.tokenizer)
-                bar.done(s.max_new_tokens / 4)
+        # The caches of one length continue as one batch (kvpress's pipeline would run them one by one).
+        bar.doing(f"kvpress {len(bank)} presses x ratios, {s.task} {s.length} tokens")
+        for names, layers in stack_caches({"full": full, **compressed}):
+            outs = hf_continue(b.hf, layers, len(ctx), q, s.max_new_tokens, stop_ids=stop, first_logits=first)
+            for name, out in zip(names, outs):
+                p, _, r = name.partition("@")
+                score_rows(scores, (p, "kvpress", float(r) if r else None), [i], [out], samples, b.tokenizer)
+        bar.done(len(bank) * s.max_new_tokens / 4)
 
 
 # ----------------------------------------------------------------------------- quality: long generation

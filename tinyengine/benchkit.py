@@ -361,19 +361,23 @@ class PressBank:
 
 @torch.inference_mode()
 def hf_continue(model, layers, context_len: int, forced: list[int], new_tokens: int, stop_ids=(), first_logits=None,
-                on_logits=None):
+                on_logits=None) -> list[list[int]]:
     """Continue a (compressed) cache as kvpress's pipeline does: the forced tokens in one forward,
     then greedy tokens one by one. Positions continue from the uncompressed context length.
 
-    on_logits(t, logits [1, V]) as in `drive` (t = 0 is `first_logits`, the prefill's). Returns
-    the generated tokens, cut at the first stop token.
+    layers: [(k, v) per layer], k [B, Hkv, n, D]: B caches of one prompt go through transformers
+    as one batch (`stack_caches`; the rows never interact, so each gets the tokens it would get
+    alone, up to the float rounding of a batched matmul). on_logits(t, logits [B, V]) as in
+    `drive` (t = 0 is `first_logits` [V], the prefill's). Returns each row's generated tokens,
+    cut at its first stop token (the batch runs until every row has stopped).
     """
     from transformers import DynamicCache
 
     cache = DynamicCache(ddp_cache_data=list(layers), config=model.config)  # its first update copies; `layers` stay intact
     device = layers[0][0].device
+    B = layers[0][0].shape[0]
     pos = context_len
-    logits = first_logits[None] if first_logits is not None else None
+    logits = first_logits[None].expand(B, -1) if first_logits is not None else None
     if on_logits is not None and logits is not None:
         on_logits(0, logits)
     if forced and len({k.shape[2] for k, _ in layers}) > 1:
@@ -381,35 +385,46 @@ def hf_continue(model, layers, context_len: int, forced: list[int], new_tokens: 
         # layer 0's length, so a multi-token forward fails (kvpress 0.5.5's own pipeline raises
         # here with a question). One token at a time needs no mask and is the same computation.
         for t, tok in enumerate(forced):
-            out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache,
-                        position_ids=torch.tensor([[pos]], device=device))
+            out = model(input_ids=torch.full((B, 1), tok, device=device), past_key_values=cache,
+                        position_ids=torch.full((B, 1), pos, device=device))
             logits = out.logits[:, -1].float()
             if on_logits is not None:
                 on_logits(t + 1, logits)
             pos += 1
     elif forced:
-        ids = torch.tensor([forced], device=device)
-        out = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(pos, pos + len(forced), device=device)[None])
-        all_logits = out.logits[0].float()
+        ids = torch.tensor([forced], device=device).expand(B, -1)
+        out = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(pos, pos + len(forced), device=device).expand(B, -1))
+        all_logits = out.logits.float()
         if on_logits is not None:
             for t in range(len(forced)):
-                on_logits(t + 1, all_logits[t: t + 1])
-        logits = all_logits[-1:]
+                on_logits(t + 1, all_logits[:, t])
+        logits = all_logits[:, -1]
         pos += len(forced)
-    generated = []
+    generated = [[] for _ in range(B)]
+    running = [True] * B
     stop = set(stop_ids)
-    for _ in range(new_tokens):
-        tok = int(logits[0].argmax())
-        if tok in stop:
+    for step in range(new_tokens):
+        toks = logits.argmax(-1)
+        for i, tok in enumerate(toks.tolist()):
+            running[i] = running[i] and tok not in stop
+            if running[i]:
+                generated[i].append(tok)
+        if not any(running) or step == new_tokens - 1:
             break
-        generated.append(tok)
-        if len(generated) == new_tokens:
-            break
-        out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache,
-                    position_ids=torch.tensor([[pos]], device=device))
+        out = model(input_ids=toks[:, None].to(device), past_key_values=cache, position_ids=torch.full((B, 1), pos, device=device))
         logits = out.logits[:, -1].float()
         pos += 1
     return generated
+
+
+def stack_caches(caches: dict) -> list[tuple[list, list]]:
+    """{name: [(k, v) per layer]} of one prompt -> [(names, batched layers)]: the caches whose
+    layers have the same lengths, concatenated along the batch (for `hf_continue`)."""
+    groups = {}
+    for name, layers in caches.items():
+        groups.setdefault(tuple(k.shape[2] for k, _ in layers), []).append(name)
+    return [(names, [(torch.cat([caches[n][i][0] for n in names]), torch.cat([caches[n][i][1] for n in names]))
+                     for i in range(len(caches[names[0]]))]) for names in groups.values()]
 
 
 def kv_entries(layers) -> int:
