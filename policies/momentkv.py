@@ -182,7 +182,10 @@ def mi_cost_decode(q, probs, logits, w, out, values, pos, current: Moments) -> t
       - pbar phi(x_i) = p_i - pbar (1 + x_i), since p_i = pbar e^{x_i} (exact; near x = 0 the
         two terms cancel to ~1e-7 pbar, far below any score difference, where `mi_cost`
         evaluates expm1);
-      - ||v_i - o||^2 = ||v_i||^2 - 2 o.v_i + ||o||^2, one batched matmul over the values.
+      - ||v_i - o||^2 = ||v_i||^2 - 2 o.v_i + ||o||^2, one batched matmul over the values. Like
+        `mi_cost`'s, this expansion rounds to ~sqrt(D u) (|v_i| + |o|) in float32 where v_i ~ o
+        (a token holding nearly all the attention, whose cost is then near zero anyway); both are
+        tested against the float64 definition to that floor.
     """
     B, Hkv, G, S = logits.shape
     D = q.shape[-1]
