@@ -174,6 +174,43 @@ def test_press_bank_equals_kvpress_context_manager(tiny):
         assert got[key][0][0].shape[2] < 120
 
 
+def test_batched_continuation_equals_each_cache_alone(tiny):
+    """RULER's kvpress rows continue the caches of equal lengths as one batch (stack_caches): each
+    row gets the tokens, and the logits, it gets alone, and stops at its own stop token."""
+    pytest.importorskip("kvpress")
+    from tinyengine.benchkit import PressBank, hf_continue, load_hf, make_press, stack_caches
+
+    folder, _, _ = tiny
+    hf = load_hf(folder)
+    ids = torch.tensor([prompts(1, 120)[0]])
+    bank = {f"{n}@{r}": make_press(n, r) for n in ("knorm", "snapkv", "streamingllm", "pyramidkv") for r in (0.25, 0.5)}
+    first, caches, full = PressBank(hf, bank).prefill(ids)
+    caches["full"] = full
+    groups = stack_caches(caches)
+    assert sorted(n for names, _ in groups for n in names) == sorted(caches)
+    assert len(groups) < len(caches) and any(len(names) > 1 for names, _ in groups)
+    forced = prompts(1, 5)[0]
+    alone = {}
+    for name, layers in caches.items():
+        seen = []
+        (alone[name],) = hf_continue(hf, layers, 120, forced, 12, first_logits=first, on_logits=lambda t, x: seen.append(x))
+        alone[name] = (alone[name], torch.cat(seen))
+    for names, layers in groups:
+        seen = []
+        got = hf_continue(hf, layers, 120, forced, 12, first_logits=first, on_logits=lambda t, x: seen.append(x))
+        logits = torch.stack(seen, 1)  # [B, steps, V]
+        for row, name in enumerate(names):
+            assert got[row] == alone[name][0], name
+            assert torch.allclose(logits[row], alone[name][1], atol=1e-4), name
+    # A stop token ends its own row only: the row whose 3rd token it is stops there.
+    names, layers = next(g for g in groups if len(g[0]) > 1)
+    stop = alone[names[0]][0][2]
+    got = hf_continue(hf, layers, 120, forced, 12, stop_ids=[stop], first_logits=first)
+    for row, name in enumerate(names):
+        mine = alone[name][0]
+        assert got[row] == (mine[:mine.index(stop)] if stop in mine else mine), name
+
+
 def _split(key):
     name, r = key.split("@")
     return name, float(r)
