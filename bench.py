@@ -444,13 +444,19 @@ def suite_ruler(b: Bench, size: dict) -> list[dict]:
         out, tape = drive(b.engine(CachePlan()), prompts, forced, new, replay=b.replay, record_window=window, stop_ids=stop)
         score_rows(scores, ("full", "tinyengine", None), g, out, samples, b.tokenizer)
         bar.done(sum(len(p) for p in prompts) / 200 + steps(g))
-        for spec, r, _ in plans:
-            bar.doing(f"{spec} ratio={r}, {samples[g[0]].length} tokens x{len(g)}")
-            factory = plan_factory(b, spec, r, len(prompts[0]))
-            ok = b.replay_ok(f"{spec}@{r}", factory, prompts[0])
-            out, _ = drive(b.engine(factory()), prompts, forced, new, tape=tape if ok else None, replay=b.replay, stop_ids=stop)
-            score_rows(scores, (spec, "tinyengine", r), g, out, samples, b.tokenizer)
-            bar.done(steps(g))
+        # A policy's ratios run as rows of one batch (row_plans): a decode step reads the weights
+        # once for all of them, and each row computes what it would alone (tests/test_bench.py).
+        for spec in dict.fromkeys(spec for spec, _, _ in plans):
+            rs = [r for other, r, _ in plans if other == spec]
+            bar.doing(f"{spec} ratios {','.join(map(str, rs))}, {samples[g[0]].length} tokens x{len(g)}")
+            factories = [plan_factory(b, spec, r, len(prompts[0])) for r in rs]
+            ok = all([b.replay_ok(f"{spec}@{r}", factory, prompts[0]) for r, factory in zip(rs, factories)])
+            row_plans = [factory() for factory in factories for _ in g]
+            out, _ = drive(b.engine(factories[0]()), prompts * len(rs), forced * len(rs), new * len(rs), row_plans=row_plans,
+                           tape=tape.repeat(len(rs)) if ok else None, replay=b.replay, stop_ids=stop)
+            for j, r in enumerate(rs):
+                score_rows(scores, (spec, "tinyengine", r), g, out[j * len(g):(j + 1) * len(g)], samples, b.tokenizer)
+            bar.done(len(rs) * steps(g))
         del tape
     if presses:
         ruler_kvpress(b, presses, ratios, samples, segs, scores, bar)

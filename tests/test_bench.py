@@ -146,6 +146,38 @@ def test_rows_at_different_decode_budgets_equal_separate_runs(tiny):
         assert not torch.allclose(seen[-1][0], seen[-1][2], atol=1e-3), name  # the budgets matter at these sizes
 
 
+def test_rows_at_different_ratios_equal_separate_runs(tiny):
+    """RULER runs a prompt-compressing policy's ratios as rows of one batch (Engine.prefill's
+    row_plans) over the full prefill's tape repeated once per ratio: each row keeps its own share
+    of its prompt and gets the tokens and logits it gets alone from a real prefill, for every such
+    policy."""
+    from policies import POLICIES, make_plan
+    from policies.base import CachePlan
+    from tinyengine.benchkit import ReplayModel, drive
+    from tinyengine.engine import Engine
+
+    _, model, _ = tiny
+    replay = ReplayModel(model)
+    *rows, question = prompts(3, 64)
+    forced = question[:4]
+    _, tape = drive(Engine(replay, CachePlan()), rows, [forced] * 2, 0, replay=replay, record_window=64)
+    ratios = [0.25, 0.5, 0.75]
+    for name in [n for n, cls in POLICIES.items() if cls.has_prefill and n != "full"]:
+        seen = []
+        engine = Engine(replay, make_plan(name, ratio=ratios[0]))
+        together, _ = drive(engine, rows * 3, [forced] * 6, 10, row_plans=[make_plan(name, ratio=r) for r in ratios for _ in rows],
+                            tape=tape.repeat(3), replay=replay, on_logits=lambda t, x: seen.append(x.clone()))
+        held = [int((engine.caches[-1].pos[j] >= 0).sum()) for j in range(0, 6, 2)]  # the last layer, every kv head
+        assert held[0] > held[1] > held[2], (name, held)  # each row holds its own ratio's share
+        for j, r in enumerate(ratios):
+            for i, row in enumerate(rows):
+                alone_seen = []
+                alone, _ = drive(Engine(model, make_plan(name, ratio=r)), [row], [forced], 10,
+                                 on_logits=lambda t, x: alone_seen.append(x.clone()))
+                assert together[2 * j + i] == alone[0], (name, r, i)
+                assert all(torch.allclose(a[0], b[2 * j + i], atol=1e-4) for a, b in zip(alone_seen, seen)), (name, r, i)
+
+
 def test_press_bank_equals_kvpress_context_manager(tiny):
     """One prefill for many presses gives each press's own compressed cache."""
     pytest.importorskip("kvpress")

@@ -48,10 +48,12 @@ class PrefillTape:
     logits: torch.Tensor | None = None
 
     def repeat(self, n: int) -> "PrefillTape":
-        """The tape of a batch of n copies of this one-row prefill (views: no copy)."""
-        if self.tokens.shape[0] != 1:
-            raise ValueError("only a one-row tape repeats")
-        rep = lambda t: t.expand(n, *t.shape[1:])  # noqa: E731
+        """The tape of this batch n times over, rows in the order [all rows] * n (views for a
+        one-row tape; a copy otherwise)."""
+        if self.tokens.shape[0] == 1:
+            rep = lambda t: t.expand(n, *t.shape[1:])  # noqa: E731
+        else:
+            rep = lambda t: torch.cat([t] * n)  # noqa: E731
         return PrefillTape(rep(self.tokens), rep(self.lengths), rep(self.rows), [rep(t) for t in self.q],
                            [rep(t) for t in self.k], [rep(t) for t in self.v], rep(self.logits))
 
@@ -200,10 +202,9 @@ def drive(engine, prompts, forced=None, new_tokens=0, *, tape: PrefillTape | Non
     on_logits(t, logits [B, V]) sees the logits that predict the t-th token after the prompt
     (t = 0 from prefill). Returns (generated tokens per row, cut at its first stop token; the tape
     if `record_window` asked to record). With `tape` the prefill is replayed (exact, see
-    ReplayModel). `row_plans`: one plan per row, the same policy at different decode budgets;
-    the engine runs its own plan with each row's pool budget (Engine.prefill's pool_budget) and
-    a cache sized for the largest. `ban_ids`: tokens never chosen (e.g. stop tokens, to force a
-    long output); logits passed to on_logits are untouched.
+    ReplayModel). `row_plans`: one plan per row, the engine's policy at different budgets or
+    ratios (Engine.prefill's row_plans), in a cache sized for the largest. `ban_ids`: tokens
+    never chosen (e.g. stop tokens, to force a long output); logits passed to on_logits are untouched.
     """
     B = len(prompts)
     forced = forced or [[] for _ in range(B)]
@@ -214,16 +215,15 @@ def drive(engine, prompts, forced=None, new_tokens=0, *, tape: PrefillTape | Non
         raise ValueError(f"prompt plus {steps} tokens exceed the model's context of {limit} tokens")
     tokens, lengths = pad(prompts, engine.device)
     engine.setup(B, capacities(engine, prompts, max(steps, 1), plans=row_plans))
-    budgets = None if row_plans is None else [p.pool_budget(len(x)) for p, x in zip(row_plans, prompts)]
     recorded = None
     if tape is not None:
         with replay.replaying(tape):
-            logits = engine.prefill(tokens, lengths, pool_budget=budgets)
+            logits = engine.prefill(tokens, lengths, row_plans=row_plans)
     elif record_window:
         with replay.recording(record_window) as recorded:
-            logits = engine.prefill(tokens, lengths, pool_budget=budgets)
+            logits = engine.prefill(tokens, lengths, row_plans=row_plans)
     else:
-        logits = engine.prefill(tokens, lengths, pool_budget=budgets)
+        logits = engine.prefill(tokens, lengths, row_plans=row_plans)
     out = [[] for _ in range(B)]
     done = [False] * B
     stop = set(stop_ids)

@@ -121,11 +121,13 @@ class Engine:
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, pool_budget: list[int] | None = None) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, row_plans: list | None = None) -> torch.Tensor:
         """tokens [B, T] right-padded, lengths [B] -> logits [B, V] at each row's last token.
 
-        pool_budget: optional decode-pool budget per row, overriding the plan's (bench.py runs one
-        policy at several decode budgets as rows of one batch; the cache must be set up for the largest).
+        row_plans: optional plan per row, the engine's policy at other budgets or ratios: each row
+        keeps its own plan's share of its prompt and decode pool (bench.py runs one policy at several
+        budgets as rows of one batch; the cache must be set up for the largest). The policies read
+        budgets only through these per-row counts, so a row computes what it would alone.
         """
         B, T = tokens.shape
         for c in self.caches:
@@ -133,11 +135,11 @@ class Engine:
         if self.plan.correction is not None:
             self.plan.correction.reset()
         self.prompt_len.copy_(lengths)
-        budgets = pool_budget if pool_budget is not None else [self.plan.pool_budget(n) for n in lengths.tolist()]
-        self.pool_budget.copy_(torch.tensor(budgets))
-        self._keep = torch.tensor([self.plan.prefill_keep(n) for n in lengths.tolist()], device=self.device)
+        rows = list(zip(row_plans or [self.plan] * B, lengths.tolist()))
+        self.pool_budget.copy_(torch.tensor([plan.pool_budget(n) for plan, n in rows]))
+        self._keep = torch.tensor([plan.prefill_keep(n) for plan, n in rows], device=self.device)
         L = self.args.num_layers  # each layer's keep (differs under per-layer budgets: pyramidkv)
-        self._layer_keep = [torch.tensor([self.plan.prefill_keep(n, i, L) for n in lengths.tolist()], device=self.device)
+        self._layer_keep = [torch.tensor([plan.prefill_keep(n, i, L) for plan, n in rows], device=self.device)
                             for i in range(L)]
         for p in self.plan.policies():
             p.start(self._keep, self.pool_budget)
