@@ -451,8 +451,9 @@ def suite_ruler(b: Bench, size: dict) -> list[dict]:
             bar.doing(f"{spec} ratios {','.join(map(str, rs))}, {samples[g[0]].length} tokens x{len(g)}")
             factories = [plan_factory(b, spec, r, len(prompts[0])) for r in rs]
             ok = all([b.replay_ok(f"{spec}@{r}", factory, prompts[0]) for r, factory in zip(rs, factories)])
-            row_plans = [factory() for factory in factories for _ in g]
-            out, _ = drive(b.engine(factories[0]()), prompts * len(rs), forced * len(rs), new * len(rs), row_plans=row_plans,
+            ratio_plans = [factory() for factory in factories]  # the rows read only their counts; the engine runs the first
+            out, _ = drive(b.engine(ratio_plans[0]), prompts * len(rs), forced * len(rs), new * len(rs),
+                           row_plans=[plan for plan in ratio_plans for _ in g],
                            tape=tape.repeat(len(rs)) if ok else None, replay=b.replay, stop_ids=stop)
             for j, r in enumerate(rs):
                 score_rows(scores, (spec, "tinyengine", r), g, out[j * len(g):(j + 1) * len(g)], samples, b.tokenizer)

@@ -225,8 +225,8 @@ def test_batched_continuation_equals_each_cache_alone(tiny):
     alone = {}
     for name, layers in caches.items():
         seen = []
-        (alone[name],) = hf_continue(hf, layers, 120, forced, 12, first_logits=first, on_logits=lambda t, x: seen.append(x))
-        alone[name] = (alone[name], torch.cat(seen))
+        (tokens,) = hf_continue(hf, layers, 120, forced, 12, first_logits=first, on_logits=lambda t, x: seen.append(x))
+        alone[name] = (tokens, torch.cat(seen))  # logits [steps, V]
     for names, layers in groups:
         seen = []
         got = hf_continue(hf, layers, 120, forced, 12, first_logits=first, on_logits=lambda t, x: seen.append(x))

@@ -135,7 +135,7 @@ class Engine:
         if self.plan.correction is not None:
             self.plan.correction.reset()
         self.prompt_len.copy_(lengths)
-        rows = list(zip(row_plans or [self.plan] * B, lengths.tolist()))
+        rows = list(zip(row_plans or [self.plan] * B, lengths.tolist(), strict=True))
         self.pool_budget.copy_(torch.tensor([plan.pool_budget(n) for plan, n in rows]))
         self._keep = torch.tensor([plan.prefill_keep(n) for plan, n in rows], device=self.device)
         L = self.args.num_layers  # each layer's keep (differs under per-layer budgets: pyramidkv)
