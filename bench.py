@@ -3,7 +3,7 @@
     python bench.py quality [--quick]      fidelity + MomentKV ablation, RULER-style retrieval, long generation
     python bench.py speed                  prefill/decode tok/s vs transformers, bandwidth limit, compile, flat-cost curve
     python bench.py memory                 peak RSS and KV bytes vs context; chunked vs full prefill (a subprocess each)
-    python bench.py attention              SDPA vs flex vs reference on this device (the engine's backend choice)
+    python bench.py attention              SDPA vs flex vs reference on this device (the engine's backend choice); decode's weight products
     python bench.py tp                     tensor parallel decode tok/s at 1, 2, 3 ranks (torchrun, gloo on CPU)
     python bench.py report                 BENCHMARKS.md and the plots, from every bench_results/*.json
     python bench.py all                    all of the above, then report
@@ -31,21 +31,22 @@ ROOT = Path(__file__).resolve().parent
 SIZES = {
     "smoke": dict(fid_n=1, fid_ctx=160, fid_cont=8, ratios=[0.5], ruler_lengths=[512], ruler_tasks=["niah_single"],
                   ruler_n=1, lg_questions=2, lg_tokens=16, decode_budgets=[8, 12], group_tokens=4096,
-                  contexts=[256], speed_prompts=[64], speed_batches=[1], speed_new=4, budget=64),
+                  contexts=[256], speed_prompts=[64], speed_batches=[1], speed_new=4, budget=64, linear_rows=[1, 2]),
     "quick": dict(fid_n=2, fid_ctx=512, fid_cont=24, ratios=[0.5], ruler_lengths=[1024],
                   ruler_tasks=["niah_single", "niah_multikey"], ruler_n=1, lg_questions=4,
                   lg_tokens=96, decode_budgets=[32, 64], group_tokens=8192,
-                  contexts=[512, 1024], speed_prompts=[128, 1024], speed_batches=[1, 8], speed_new=16, budget=256),
+                  contexts=[512, 1024], speed_prompts=[128, 1024], speed_batches=[1, 8], speed_new=16, budget=256,
+                  linear_rows=[1, 2, 8]),
     "default": dict(fid_n=2, fid_ctx=1024, fid_cont=128, ratios=[0.5, 0.75, 0.875], ruler_lengths=[1024, 2048, 4096],
                     ruler_tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt"], ruler_n=1, lg_questions=64,
                     lg_tokens=2048, decode_budgets=[128, 256, 512], group_tokens=16384,
                     contexts=[1024, 2048, 4096, 8000], speed_prompts=[128, 1024, 4096], speed_batches=[1, 8],
-                    speed_new=32, budget=1024, extra_rows=True),
+                    speed_new=32, budget=1024, extra_rows=True, linear_rows=[1, 2, 4, 8, 16]),
     "large": dict(fid_n=8, fid_ctx=2048, fid_cont=256, ratios=[0.5, 0.75, 0.875], ruler_lengths=[1024, 2048, 4096],
                   ruler_tasks=["niah_single", "niah_multikey", "niah_multivalue", "vt"], ruler_n=8, lg_questions=96,
                   lg_tokens=3072, decode_budgets=[128, 256, 512], group_tokens=8192,
                   contexts=[1024, 2048, 4096, 8000], speed_prompts=[128, 1024, 4096], speed_batches=[1, 8],
-                  speed_new=64, budget=1024, extra_rows=True),
+                  speed_new=64, budget=1024, extra_rows=True, linear_rows=[1, 2, 4, 8, 16]),
 }
 RULER_RATIOS_DEFAULT = [0.5, 0.75]  # RULER runs fewer ratios than fidelity (its decode is the costly part)
 # momentkv's default base (every prompt query votes, policies/momentkv.py section 5) is tuned for fidelity; RULER also
@@ -292,34 +293,45 @@ def suite_fidelity(b: Bench, size: dict) -> list[dict]:
     hooks = [layer.self_attn.register_forward_hook(lambda m, a, o, i=i: outputs[-1].append(o[:, -1].clone()) if o.shape[1] == 1 else None)
              for i, layer in enumerate(layers)]
 
-    def run(plan, tape=None, record=0):
-        logits_seq, attn_seq = [], []
+    def run(plans, tape=None, record=0):
+        """Drive the samples under each plan, the plans' rows in one batch (plan-major; each row
+        computes what it would alone, tests/test_bench.py). Per plan: the logits [n, V] and each
+        layer's attention output [layers, n, hidden] per step."""
+        n = len(ctx)
+        logits_seq, attn_seq = [[] for _ in plans], [[] for _ in plans]
 
         def on_logits(t, logits):
-            logits_seq.append(logits)
+            for j in range(len(plans)):
+                logits_seq[j].append(logits[j * n:(j + 1) * n])
             if t > 0:
-                attn_seq.append(torch.stack(outputs[-1]))  # [layers, B, hidden] of the step that made `logits`
+                step = torch.stack(outputs[-1])  # [layers, rows, hidden] of the step that made `logits`
+                for j in range(len(plans)):
+                    attn_seq[j].append(step[:, j * n:(j + 1) * n])
             outputs.append([])
 
         outputs.clear()
         outputs.append([])
-        _, rec = drive(b.engine(plan), ctx, [c.tolist() for c in cont], 0, tape=tape, replay=b.replay,
-                       record_window=record, on_logits=on_logits)
+        _, rec = drive(b.engine(plans[0]), ctx * len(plans), [c.tolist() for c in cont] * len(plans), 0, tape=tape,
+                       replay=b.replay, record_window=record, on_logits=on_logits,
+                       row_plans=[plan for plan in plans for _ in ctx])
         return logits_seq, attn_seq, rec
 
     rows = []
     try:
         bar.doing("full (recording the prefill)")
-        full_logits, full_attn, tape = run(CachePlan(), record=plan_window([c[4] for c in configs]))
+        (full_logits,), (full_attn,), tape = run([CachePlan()], record=plan_window([c[4] for c in configs]))
         bar.done(L)
         rows.append(fid_row(b, "fidelity", "full", "tinyengine", None, full_logits, full_logits, full_attn, full_attn, cont, 1.0))
-        for table, method, r, factory, plan in configs:
-            bar.doing(f"{method} ratio={r}")
-            ok = b.replay_ok(f"{table}:{method}@{r}", factory, ctx[0])
-            logits, attn, _ = run(plan, tape=tape if ok else None)
-            kept = kept_fraction(plan, [len(c) for c in ctx])
-            rows.append(fid_row(b, table, method, "tinyengine", r, full_logits, logits, full_attn, attn, cont, kept))
-            bar.done(L)
+        # A method's ratios run as rows of one batch: a decode step reads the weights once for all of them.
+        for table, method in dict.fromkeys((c[0], c[1]) for c in configs):
+            group = [c for c in configs if c[:2] == (table, method)]
+            bar.doing(f"{method} ratios {','.join(str(c[2]) for c in group)}")
+            ok = all([b.replay_ok(f"{table}:{method}@{r}", factory, ctx[0]) for _, _, r, factory, _ in group])
+            logits, attn, _ = run([c[4] for c in group], tape=tape.repeat(len(group)) if ok else None)
+            for j, (_, _, r, _, plan) in enumerate(group):
+                kept = kept_fraction(plan, [len(c) for c in ctx])
+                rows.append(fid_row(b, table, method, "tinyengine", r, full_logits, logits[j], full_attn, attn[j], cont, kept))
+            bar.done(L * len(group))
     finally:
         for h in hooks:
             h.remove()

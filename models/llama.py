@@ -148,15 +148,44 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+# A decode step multiplies every weight matrix by one row per sequence, so it is bound by reading
+# the weights. On CPU, MKL runs x @ W^T for one row as a gemv that reads W at ~12 GB/s (one core's
+# worth) and for a few rows at ~8-11 GB/s, while the same product written W @ x^T with at least two
+# columns runs its gemm at ~29 GB/s on the 2-core machine (`bench.py attention`: the linear table).
+# Larger products (prefill) are compute-bound, equally fast either way, and keep F.linear.
+SMALL_ROWS = 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), written W @ x^T on CPU for at most SMALL_ROWS rows (decode)."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows > SMALL_ROWS:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows == 1:  # one column would run the gemv again; the duplicate column costs nothing measurable
+        x2 = torch.cat((x2, x2))
+    y = (weight @ x2.t()).t()[:rows].contiguous()
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) whose forward is `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+        self.q_proj = Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
+        self.k_proj = Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
@@ -178,9 +207,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -215,7 +244,7 @@ class Transformer(nn.Module):
         self.args = args
         self.model = _Body(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
 
     def output_weight(self) -> torch.Tensor:
@@ -241,4 +270,4 @@ class Transformer(nn.Module):
         if last_only is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_only].unsqueeze(1)
         x = self.model.norm(x)
-        return F.linear(x, self.output_weight()).float()
+        return linear(x, self.output_weight()).float()

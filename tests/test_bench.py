@@ -178,6 +178,28 @@ def test_rows_at_different_ratios_equal_separate_runs(tiny):
                 assert all(torch.allclose(a[0], b[2 * j + i], atol=1e-4) for a, b in zip(alone_seen, seen)), (name, r, i)
 
 
+def test_fidelity_ratios_in_one_batch_equal_each_ratio_alone():
+    """The fidelity suite runs a method's ratios as rows of one batch over the repeated tape: every
+    row (KL, top-1, NLL, kept share, per-layer attention error) equals that ratio's run alone,
+    for a scoring, an accumulating and the MI+NC policy and the ablation's variants."""
+    import bench
+
+    def run(ratios):
+        args = bench.parse_args(["quality", "--smoke", "--no-kvpress", "--no-progress", "--suites", "fidelity,ablation",
+                                 "--policies", "snapkv,h2o,momentkv", "--ratios", ",".join(map(str, ratios))])
+        return bench.suite_fidelity(bench.Bench(args), bench.SIZES["smoke"])
+
+    together = {(r["table"], r["method"], r["ratio"]): r for r in run([0.25, 0.5])}
+    alone = {(r["table"], r["method"], r["ratio"]): r for ratio in (0.25, 0.5) for r in run([ratio]) if r["method"] != "full"}
+    assert set(alone) < set(together) and len(alone) == 2 * (3 + 4)  # 3 policies and 4 ablation variants x 2 ratios
+    for key, a in alone.items():
+        t = together[key]
+        assert t["kept"] == a["kept"] and t["top1"] == a["top1"], key
+        assert math.isclose(t["kl"], a["kl"], rel_tol=1e-3, abs_tol=1e-5) and math.isclose(t["nll"], a["nll"], rel_tol=1e-4), key
+        assert all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-5) for x, y in zip(t["rel_err_by_layer"], a["rel_err_by_layer"])), key
+    assert together[("fidelity", "snapkv", 0.25)]["kept"] > together[("fidelity", "snapkv", 0.5)]["kept"]
+
+
 def test_press_bank_equals_kvpress_context_manager(tiny):
     """One prefill for many presses gives each press's own compressed cache."""
     pytest.importorskip("kvpress")

@@ -1,8 +1,10 @@
 """Logits equal transformers' (float32, 1e-4) for every family, loaded from real safetensors folders."""
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import causal_logits, tiny_hf_model, write_tiny_checkpoint
 
+from models.llama import SMALL_ROWS, linear
 from tinyengine.engine import Engine
 from tinyengine.weights import load_model
 
@@ -49,13 +51,26 @@ def test_cast_on_load(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_cpu_projections_are_column_major(tmp_path, tied):
-    """tinyengine/weights.py stores decode's matrices column-major on CPU (faster one-row products):
-    same shapes and values as the checkpoint, transposed strides; vectors stay contiguous."""
+def test_cpu_weights_are_the_checkpoints(tmp_path, tied):
+    """float32 on CPU: every parameter has the checkpoint's values, shape and (row-major) layout,
+    so `linear` reads W @ x^T along contiguous rows and safetensors can map the file without a copy."""
     hf = tiny_hf_model("llama", tied)
     model = load_model(write_tiny_checkpoint(tmp_path, "llama", tied, model=hf))
     for name, p in model.named_parameters():
         expected = hf.state_dict()[name]
-        assert torch.equal(p, expected), name
-        column_major = name.endswith("_proj.weight") or name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight")
-        assert p.stride() == ((1, p.shape[0]) if column_major else expected.contiguous().stride()), name
+        assert torch.equal(p, expected) and p.is_contiguous(), name
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear(rows, bias):
+    """models.llama.linear computes F.linear: W @ x^T for up to SMALL_ROWS rows on CPU (one row
+    duplicated), F.linear above; any leading shape, the right output shape, contiguous."""
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g) if bias else None
+    for shape in [(rows, 32), (1, rows, 32), (rows, 1, 32)]:
+        x = torch.randn(*shape, generator=g)
+        y = linear(x, w, b)
+        assert y.shape == (*shape[:-1], 48) and y.is_contiguous()
+        torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    assert SMALL_ROWS == 8

@@ -494,7 +494,7 @@ def section_memory(d: dict, img: Path) -> str:
 
 
 def section_attention(d: dict) -> str:
-    rows = d["rows"]
+    rows = [r for r in d["rows"] if r.get("table", "attention") == "attention"]
     out = ["### Attention backends on this device", "", provenance(d), "",
            "Milliseconds per call at the model's head shapes (random inputs; decode: one query against the slots). "
            "This is the measurement behind `tinyengine.engine.default_backends`. Fastest per case in bold.", ""]
@@ -507,6 +507,21 @@ def section_attention(d: dict) -> str:
         cells = bold_best(["–" if v is None else f"{v:.3f}" for v in vals], vals, False)
         body.append([ph, str(B), str(T)] + cells)
     out += [table(["phase", "batch", "tokens"] + [be + (" (compiled)" if cp else "") for be, cp in variants], body)]
+    lin = {(r["rows"], r["form"]): r for r in d["rows"] if r.get("table") == "linear"}
+    if lin:
+        some = next(iter(lin.values()))
+        out += ["", "#### Weight products of a decode step", "",
+                f"Every weight matrix of the model at its shape ({some['layers']} layers and the output layer, "
+                f"{some['weight_mb']:.0f} MB, random float32) times a few rows: `F.linear` (x @ W^T) against the engine's "
+                "`models.llama.linear` (W @ x^T on CPU for up to 8 rows). Milliseconds per pass (median) and weight bytes "
+                "read per second. This is the measurement behind `linear`; its speed-up is from one run.", ""]
+        body = []
+        for n in dict.fromkeys(r for r, _ in lin):
+            a, b = lin.get((n, "F.linear")), lin.get((n, "tinyengine"))
+            if a and b:
+                body.append([str(n), f"{a['ms']:.1f} ({a['gb_s']:.1f} GB/s)", f"{b['ms']:.1f} ({b['gb_s']:.1f} GB/s)",
+                             f"{a['ms'] / b['ms']:.2f}x", f"{b['max_abs_err']:.1e}"])
+        out += [table(["rows", "F.linear ms", "tinyengine ms", "speed-up", "max abs diff"], body)]
     return "\n".join(out) + notes(d)
 
 
@@ -564,7 +579,7 @@ def report(folder: Path, markdown: Path) -> str:
              "```", "python bench.py quality            # fidelity + MomentKV ablation, RULER, long generation, kvpress side by side",
              "python bench.py speed              # tok/s vs transformers, bandwidth limit, compile/startup, decode vs context",
              "python bench.py memory             # peak RSS and KV bytes (a subprocess per measurement)",
-             "python bench.py attention          # attention backends on this device",
+             "python bench.py attention          # attention backends and decode weight products on this device",
              "python bench.py tp                 # tensor parallel decode at 1, 2, 3 ranks (torchrun)",
              "python bench.py report             # this file and docs/bench/*.png", "```", ""]
     if not results:

@@ -611,5 +611,41 @@ def attention_suite(args, size: dict, save):
                     notes.append(f"{phase} {backend}{' compiled' if compiled else ''} B={B} T={T} failed: {error_line(e)}")
             bar.done(1)
     bar.close()
+    rows += linear_rows(a, dev, size["linear_rows"])
     save(args, "attention", rows, notes, {"prefill_tokens": prefill_T, "decode_slots": decode_S,
                                            "heads": [a.num_heads, a.num_kv_heads, a.head_dim]}, started)
+
+
+def linear_rows(a, dev, row_counts: list[int], max_bytes: int = 2**30, reps: int = 7) -> list[dict]:
+    """The weight products of one decode step: every matrix of the model at its shape (random
+    weights; as many layers as fit in `max_bytes`), times a few rows, written F.linear (x @ W^T)
+    and as the engine writes them (models/llama.py `linear`). Milliseconds per pass, median of
+    `reps`, and the weight bytes read per second."""
+    import torch.nn.functional as F
+
+    from models.llama import linear
+
+    g = torch.Generator().manual_seed(0)
+    h, i, qd, kvd = a.hidden_size, a.intermediate_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    layer = [(qd, h), (kvd, h), (kvd, h), (h, qd), (i, h), (i, h), (h, i)]
+    per_layer = 4 * sum(n * k for n, k in layer)
+    head = 4 * a.vocab_size * h
+    layers = max(1, min(a.num_layers, (max_bytes - head) // per_layer))
+    mats = [torch.randn(n, k, generator=g).to(dev) for _ in range(layers) for n, k in layer]
+    mats.append(torch.randn(a.vocab_size, h, generator=g).to(dev))
+    nbytes = sum(4 * w.numel() for w in mats)
+    out = []
+    for r in row_counts:
+        xs = {k: torch.randn(r, k, generator=g).to(dev) for k in {w.shape[1] for w in mats}}
+        ref = F.linear(xs[h], mats[-1])  # a pass returns the output layer's product
+        for form, fn in (("F.linear", F.linear), ("tinyengine", linear)):
+            def one_pass():
+                for w in mats:
+                    y = fn(xs[w.shape[1]], w)
+                return y
+            err = (one_pass() - ref).abs().max().item()
+            times = [timed(one_pass, dev)[0] for _ in range(reps)]
+            ms = 1000 * statistics.median(times)
+            out.append({"table": "linear", "form": form, "rows": r, "layers": layers, "weight_mb": nbytes / 1e6,
+                        "ms": ms, "gb_s": nbytes / ms / 1e6, "max_abs_err": err})
+    return out

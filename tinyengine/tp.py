@@ -42,7 +42,7 @@ from torch import nn
 
 from models.llama import ModelArgs, Transformer, rope_frequencies
 from tinyengine.errors import TinyEngineError
-from tinyengine.weights import IGNORED_SUFFIXES, _assign, cpu_layout, read_config, safetensors_files
+from tinyengine.weights import IGNORED_SUFFIXES, _assign, read_config, safetensors_files
 
 # How each sharded tensor is split: dim 0 = by rows (output features), dim 1 = by columns.
 # The value says which size is split: query heads, kv heads or the MLP's intermediate size.
@@ -130,7 +130,7 @@ def load_sharded_model(folder, rank: int, world: int, device="cpu", dtype: torch
                         dim, kind = split
                         a, b = _block_of(full, kind, rank, world)
                         tensor = piece[a:b] if dim == 0 else piece[:, a:b]
-                    _assign(model, name, cpu_layout(name, tensor.to(device=device, dtype=dtype).contiguous(), full, device))
+                    _assign(model, name, tensor.to(device=device, dtype=dtype).contiguous())
                     loaded.add(name)
         except SafetensorError as e:
             raise TinyEngineError(f"corrupt or truncated safetensors file {path}: {e}; re-download it") from None

@@ -76,12 +76,12 @@ def load_model(folder, device="cpu", dtype: torch.dtype = torch.float32) -> Tran
                 for name in f.keys():
                     if not _check(name, tuple(f.get_slice(name).get_shape()), expected, args, path):
                         continue
-                    if _zero_copy(f.get_slice(name).get_dtype(), dtype, device) and not column_major(name, args, device):
+                    if _zero_copy(f.get_slice(name).get_dtype(), dtype, device):
                         tensor = f.get_tensor(name)
                     else:
                         with safe_open(path, framework="pt") as one:
                             tensor = one.get_tensor(name).to(device=device, dtype=dtype, copy=True)
-                    _assign(model, name, cpu_layout(name, tensor, args, device))
+                    _assign(model, name, tensor)
                     loaded.add(name)
         except SafetensorError as e:
             raise TinyEngineError(f"corrupt or truncated safetensors file {path}: {e}; re-download it") from None
@@ -111,24 +111,6 @@ def _check(name, shape, expected, args, path) -> bool:
 
 def _zero_copy(file_dtype: str, dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(file_dtype) == dtype
-
-
-def column_major(name: str, args: ModelArgs, device: torch.device) -> bool:
-    """Whether `name` is a matrix that decode multiplies by a vector (projections, output layer) on CPU.
-
-    On CPU, F.linear(x, W) for one row x (batch-1 decode) runs faster when W [out, in] is stored
-    column-major (W = W_t.t() with W_t [in, out] contiguous): the kernel then streams W_t row by
-    row. (Measured ad hoc when this landed, eager batch-1 decode ~25 -> ~29 tok/s on SmolLM2; no
-    bench.py command compares the two layouts.) Shapes and names stay those of the checkpoint;
-    only the strides change."""
-    if device.type != "cpu":
-        return False
-    return name.endswith("_proj.weight") or name == "lm_head.weight" or (
-        name == "model.embed_tokens.weight" and args.tie_word_embeddings)  # tied: it is the output layer
-
-
-def cpu_layout(name: str, tensor: torch.Tensor, args: ModelArgs, device: torch.device) -> torch.Tensor:
-    return tensor.t().contiguous().t() if column_major(name, args, device) else tensor
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
