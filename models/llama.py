@@ -150,8 +150,8 @@ class RMSNorm(nn.Module):
 
 # A decode step multiplies every weight matrix by one row per sequence, so it is bound by reading
 # the weights. On CPU, MKL runs x @ W^T for one row as a gemv that reads W at ~12 GB/s (one core's
-# worth) and for a few rows at ~8-11 GB/s, while the same product written W @ x^T with at least two
-# columns runs its gemm at ~29 GB/s on the 2-core machine (`bench.py attention`: the linear table).
+# worth) and for a few rows at ~7-11 GB/s, while the same product written W @ x^T with at least two
+# columns runs its gemm at ~25-29 GB/s on the 2-core machine (`bench.py attention`: the linear table).
 # Larger products (prefill) are compute-bound, equally fast either way, and keep F.linear.
 SMALL_ROWS = 8
 
