@@ -194,6 +194,16 @@ class Bench:
             self._replay_checked[key] = problem is None
         return self._replay_checked[key]
 
+    def as_rows(self, keys: list[str], factories: list, prompt: list[int], tape, n: int):
+        """One policy at several ratios as rows of one batch (Engine.prefill's row_plans): a decode
+        step reads the weights once for all of them, and each row computes what it would alone
+        (tests/test_bench.py). Fresh plans from `factories`, plan-major over the `n` rows of a group;
+        the recorded prefill tiled once per plan if every plan replays exactly.
+        -> (engine, row_plans, tape or None)."""
+        ok = all([self.replay_ok(key, factory, prompt) for key, factory in zip(keys, factories, strict=True)])
+        plans = [factory() for factory in factories]  # the rows read only their counts; the engine runs the first
+        return self.engine(plans[0]), [plan for plan in plans for _ in range(n)], tape.repeat(len(plans)) if ok else None
+
     def kvpress_presses(self) -> list[str]:
         from tinyengine.benchkit import KVPRESS_OTHERS, KVPRESS_SHARED
 
@@ -293,41 +303,39 @@ def suite_fidelity(b: Bench, size: dict) -> list[dict]:
     hooks = [layer.self_attn.register_forward_hook(lambda m, a, o, i=i: outputs[-1].append(o[:, -1].clone()) if o.shape[1] == 1 else None)
              for i, layer in enumerate(layers)]
 
-    def run(plans, tape=None, record=0):
-        """Drive the samples under each plan, the plans' rows in one batch (plan-major; each row
-        computes what it would alone, tests/test_bench.py). Per plan: the logits [n, V] and each
-        layer's attention output [layers, n, hidden] per step."""
+    def run(engine, k=1, row_plans=None, tape=None, record=0):
+        """Drive the samples under k plans (rows as Bench.as_rows lays them out). Per plan: the
+        logits [n, V] and each layer's attention output [layers, n, hidden] per step."""
         n = len(ctx)
-        logits_seq, attn_seq = [[] for _ in plans], [[] for _ in plans]
+        logits_seq, attn_seq = [[] for _ in range(k)], [[] for _ in range(k)]
 
         def on_logits(t, logits):
-            for j in range(len(plans)):
+            for j in range(k):
                 logits_seq[j].append(logits[j * n:(j + 1) * n])
             if t > 0:
                 step = torch.stack(outputs[-1])  # [layers, rows, hidden] of the step that made `logits`
-                for j in range(len(plans)):
+                for j in range(k):
                     attn_seq[j].append(step[:, j * n:(j + 1) * n])
             outputs.append([])
 
         outputs.clear()
         outputs.append([])
-        _, rec = drive(b.engine(plans[0]), ctx * len(plans), [c.tolist() for c in cont] * len(plans), 0, tape=tape,
-                       replay=b.replay, record_window=record, on_logits=on_logits,
-                       row_plans=[plan for plan in plans for _ in ctx])
+        _, rec = drive(engine, ctx * k, [c.tolist() for c in cont] * k, 0, tape=tape,
+                       replay=b.replay, record_window=record, on_logits=on_logits, row_plans=row_plans)
         return logits_seq, attn_seq, rec
 
     rows = []
     try:
         bar.doing("full (recording the prefill)")
-        (full_logits,), (full_attn,), tape = run([CachePlan()], record=plan_window([c[4] for c in configs]))
+        (full_logits,), (full_attn,), tape = run(b.engine(CachePlan()), record=plan_window([c[4] for c in configs]))
         bar.done(L)
         rows.append(fid_row(b, "fidelity", "full", "tinyengine", None, full_logits, full_logits, full_attn, full_attn, cont, 1.0))
-        # A method's ratios run as rows of one batch: a decode step reads the weights once for all of them.
-        for table, method in dict.fromkeys((c[0], c[1]) for c in configs):
+        for table, method in dict.fromkeys((c[0], c[1]) for c in configs):  # a method's ratios as rows of one batch
             group = [c for c in configs if c[:2] == (table, method)]
             bar.doing(f"{method} ratios {','.join(str(c[2]) for c in group)}")
-            ok = all([b.replay_ok(f"{table}:{method}@{r}", factory, ctx[0]) for _, _, r, factory, _ in group])
-            logits, attn, _ = run([c[4] for c in group], tape=tape.repeat(len(group)) if ok else None)
+            engine, row_plans, group_tape = b.as_rows([f"{table}:{method}@{c[2]}" for c in group], [c[3] for c in group],
+                                                      ctx[0], tape, len(ctx))
+            logits, attn, _ = run(engine, len(group), row_plans, tape=group_tape)
             for j, (_, _, r, _, plan) in enumerate(group):
                 kept = kept_fraction(plan, [len(c) for c in ctx])
                 rows.append(fid_row(b, table, method, "tinyengine", r, full_logits, logits[j], full_attn, attn[j], cont, kept))
@@ -456,17 +464,13 @@ def suite_ruler(b: Bench, size: dict) -> list[dict]:
         out, tape = drive(b.engine(CachePlan()), prompts, forced, new, replay=b.replay, record_window=window, stop_ids=stop)
         score_rows(scores, ("full", "tinyengine", None), g, out, samples, b.tokenizer)
         bar.done(sum(len(p) for p in prompts) / 200 + steps(g))
-        # A policy's ratios run as rows of one batch (row_plans): a decode step reads the weights
-        # once for all of them, and each row computes what it would alone (tests/test_bench.py).
-        for spec in dict.fromkeys(spec for spec, _, _ in plans):
+        for spec in dict.fromkeys(spec for spec, _, _ in plans):  # a policy's ratios as rows of one batch
             rs = [r for other, r, _ in plans if other == spec]
             bar.doing(f"{spec} ratios {','.join(map(str, rs))}, {samples[g[0]].length} tokens x{len(g)}")
-            factories = [plan_factory(b, spec, r, len(prompts[0])) for r in rs]
-            ok = all([b.replay_ok(f"{spec}@{r}", factory, prompts[0]) for r, factory in zip(rs, factories)])
-            ratio_plans = [factory() for factory in factories]  # the rows read only their counts; the engine runs the first
-            out, _ = drive(b.engine(ratio_plans[0]), prompts * len(rs), forced * len(rs), new * len(rs),
-                           row_plans=[plan for plan in ratio_plans for _ in g],
-                           tape=tape.repeat(len(rs)) if ok else None, replay=b.replay, stop_ids=stop)
+            engine, row_plans, rows_tape = b.as_rows([f"{spec}@{r}" for r in rs], [plan_factory(b, spec, r, len(prompts[0])) for r in rs],
+                                                     prompts[0], tape, len(g))
+            out, _ = drive(engine, prompts * len(rs), forced * len(rs), new * len(rs), row_plans=row_plans,
+                           tape=rows_tape, replay=b.replay, stop_ids=stop)
             for j, r in enumerate(rs):
                 score_rows(scores, (spec, "tinyengine", r), g, out[j * len(g):(j + 1) * len(g)], samples, b.tokenizer)
             bar.done(len(rs) * steps(g))

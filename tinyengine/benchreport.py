@@ -494,7 +494,7 @@ def section_memory(d: dict, img: Path) -> str:
 
 
 def section_attention(d: dict) -> str:
-    rows = [r for r in d["rows"] if r.get("table", "attention") == "attention"]
+    rows = [r for r in d["rows"] if r["table"] == "attention"]
     out = ["### Attention backends on this device", "", provenance(d), "",
            "Milliseconds per call at the model's head shapes (random inputs; decode: one query against the slots). "
            "This is the measurement behind `tinyengine.engine.default_backends`. Fastest per case in bold.", ""]
@@ -507,7 +507,7 @@ def section_attention(d: dict) -> str:
         cells = bold_best(["–" if v is None else f"{v:.3f}" for v in vals], vals, False)
         body.append([ph, str(B), str(T)] + cells)
     out += [table(["phase", "batch", "tokens"] + [be + (" (compiled)" if cp else "") for be, cp in variants], body)]
-    lin = {(r["rows"], r["form"]): r for r in d["rows"] if r.get("table") == "linear"}
+    lin = {(r["rows"], r["form"]): r for r in d["rows"] if r["table"] == "linear"}
     if lin:
         some = next(iter(lin.values()))
         out += ["", "#### Weight products of a decode step", "",
