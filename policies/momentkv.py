@@ -127,44 +127,52 @@ def mi_cost(q, allowed, keys, values, current: Moments, reference: Moments, kind
     corrected output); `reference`: the summary the eviction produces (its mean, or for
     "value" its prediction). Zero where a query does not see a candidate or the summary is empty.
     out [B, Hq, T, D]: the NC-corrected attention output if the caller has it (else computed).
+
+    Prefill scores every window query against every candidate, so this runs on [B, Hq, T, N]
+    blocks and its cost is the number of passes over them (~20, in place where it can): the
+    weight pbar phi(x_i) is p_i - pbar (1 + x_i) (exact; near x = 0 it cancels to a few float32
+    ulps of p_i, far below any score difference: tests/test_momentkv.py holds it to the float64
+    definition), and ||v_i - o||^2 is expanded into one matmul over the values.
     """
     B, Hq, T, D = q.shape
     Hkv, N = keys.shape[1], keys.shape[2]
     tau = 1.0 / math.sqrt(D)
-    qg = q.float().reshape(B, Hkv, Hq // Hkv * T, D)
+    qg = q.float().reshape(B, Hkv, Hq // Hkv * T, D) * tau  # scaled once: logits = qg @ k^T
     k, v = keys.float(), values.float()
-    allowed = allowed.unsqueeze(2).expand(B, Hkv, Hq // Hkv, T, N).reshape(B, Hkv, -1, N)
-    logits = (tau * (qg @ k.transpose(-1, -2))).masked_fill(~allowed, float("-inf"))
-    lse_k = logits.logsumexp(-1, keepdim=True).clamp(min=-1e30)  # a query that sees nothing: no NaN
+    blocked = ~allowed.unsqueeze(2)  # [B, Hkv, 1, T, N]: broadcast over each kv head's query group
+    logits = qg @ k.transpose(-1, -2)
+    logits.view(B, Hkv, -1, T, N).masked_fill_(blocked, float("-inf"))
+    top = logits.amax(-1, keepdim=True).clamp(min=-1e30)  # a query that sees nothing: no NaN
+    p = (logits - top).exp_()
+    lse_k = p.sum(-1, keepdim=True).log_().add_(top).clamp_(min=-1e30)
     # The current summary's virtual slot: normalizer estimate and corrected output (NC).
     n_c, mk_c, mv_c, C_c = current
-    virtual = tau * (qg @ mk_c.unsqueeze(-1)) + n_c.log()[..., None, None]
+    virtual = qg @ mk_c.unsqueeze(-1) + n_c.log()[..., None, None]
     lse = torch.logaddexp(lse_k, virtual)
-    if out is None:
-        w = (virtual - lse).exp()
-        out = (1 - w) * ((logits - lse_k).exp() @ v) + w * (mv_c.unsqueeze(-2) + tau * (qg @ C_c.transpose(-1, -2)))
+    p.mul_((top - lse).exp())  # p_i = e^{l_i} / Z, Z = Z_K + Z_E (the summary's estimate)
+    if out is None:  # (1 - w_E) softmax_K @ v = p @ v
+        out = p @ v + (virtual - lse).exp() * (mv_c.unsqueeze(-2) + qg @ C_c.transpose(-1, -2))
     else:
         out = out.float().reshape(qg.shape)
     n_r, mk_r, mv_r, C_r = reference
     if kind == "nc":
-        lbar = tau * (qg @ mk_r.unsqueeze(-1))
-        x = torch.where(allowed, logits - lbar, 0.0)
+        lbar = qg @ mk_r.unsqueeze(-1)
         pbar = (lbar - lse).exp()
-        xs = x.clamp(max=1.0)
-        small = pbar * (torch.expm1(xs) - xs)  # pbar phi(x), accurate near 0
-        large = (logits - lse).exp() - pbar * (1 + x)  # the same for x >= 1, without overflow
-        weight = torch.where(x < 1, small, large).clamp(min=0)
+        # pbar (1 + x_i) = pbar l_i + pbar (1 - lbar); +inf where blocked, zeroed below
+        weight = torch.addcmul(p, pbar, logits, value=-1).sub_(pbar * (1 - lbar)).clamp_(min=0)
         target = out
     elif kind == "value":
-        weight = (logits - lse).exp()
-        target = mv_r.unsqueeze(-2) + tau * (qg @ C_r.transpose(-1, -2))
+        weight = p
+        target = mv_r.unsqueeze(-2) + qg @ C_r.transpose(-1, -2)  # (qg carries tau)
     else:
         raise ValueError(f"unknown mi {kind!r}; choose from {', '.join(MI_KINDS)}")
-    d2 = ((v * v).sum(-1).unsqueeze(-2) - 2 * (target @ v.transpose(-1, -2)) + (target * target).sum(-1, keepdim=True)).clamp(min=0)
-    d2 = d2 * allowed
-    rms2 = d2.sum(-1, keepdim=True) / allowed.sum(-1, keepdim=True).clamp(min=1)
-    cost = torch.where(allowed, weight * (d2 / rms2.clamp(min=1e-20)).sqrt(), 0.0)
-    cost = cost * (n_r > 0)[..., None, None]
+    norms = (target * target).sum(-1, keepdim=True) + (v * v).sum(-1).unsqueeze(-2)
+    d2 = torch.baddbmm(norms.reshape(B * Hkv, -1, N), target.reshape(B * Hkv, -1, D), v.reshape(B * Hkv, N, D).transpose(-1, -2),
+                       alpha=-2).view(B, Hkv, -1, T, N).clamp_(min=0).masked_fill_(blocked, 0.0)
+    seen = allowed.sum(-1, keepdim=True).unsqueeze(2).clamp(min=1)  # [B, Hkv, 1, T, 1]
+    rms2 = (d2.sum(-1, keepdim=True) / seen).clamp_(min=1e-20)
+    scale = (n_r > 0)[..., None, None, None] / rms2.sqrt_()
+    cost = weight.view(d2.shape).mul_(d2.sqrt_()).mul_(scale).masked_fill_(blocked, 0.0)
     return cost.view(B, Hq, T, N)
 
 
@@ -179,9 +187,8 @@ def mi_cost_decode(q, probs, logits, w, out, values, pos, current: Moments) -> t
     its second pass over the keys or its softmax, in a third of its ops (the decode step on a
     CPU pays per op):
       - pbar = e^{lbar} / Z = w_E / n, since w_E = n e^{lbar} / Z;
-      - pbar phi(x_i) = p_i - pbar (1 + x_i), since p_i = pbar e^{x_i} (exact; near x = 0 the
-        two terms cancel to ~1e-7 pbar, far below any score difference, where `mi_cost`
-        evaluates expm1);
+      - pbar phi(x_i) = p_i - pbar (1 + x_i), since p_i = pbar e^{x_i} (as `mi_cost`; exact,
+        and near x = 0 the two terms cancel to ~1e-7 pbar, far below any score difference);
       - ||v_i - o||^2 = ||v_i||^2 - 2 o.v_i + ||o||^2, one batched matmul over the values. Like
         `mi_cost`'s, this expansion rounds to ~sqrt(D u) (|v_i| + |o|) in float32 where v_i ~ o
         (a token holding nearly all the attention, whose cost is then near zero anyway); both are

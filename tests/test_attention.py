@@ -48,13 +48,38 @@ def test_reference_equals_definition(T, bias):
     assert (probs[~allowed.repeat_interleave(G, dim=1)] == 0).all()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("T", [1, 3])
+def test_shared_slots_read_once_equal_the_reference(T, bias):
+    """reference_attention's `shared` (the leading slots every row holds alike, read from row 0
+    for all rows' queries at once) gives the same output and probabilities."""
+    q, k, v, q_pos, kv_pos, kv_bias = random_case(B=3, T=T, bias=bias)
+    shared = 11
+    k[:, :, :shared], v[:, :, :shared] = k[:1, :, :shared], v[:1, :, :shared]
+    kv_pos[:, :, :shared] = torch.arange(shared)  # a prompt every query sees
+    if bias:
+        kv_bias[:, :, :shared] = kv_bias[:1, :, :shared]
+    want_out, want_probs = reference_attention(q, k, v, q_pos, kv_pos, kv_bias)
+    k[1:, :, :shared] = v[1:, :, :shared] = float("nan")  # only row 0's copy may be read
+    out, probs = reference_attention(q, k, v, q_pos, kv_pos, kv_bias, shared=shared)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["evicted", "prompt"])
 @pytest.mark.parametrize("block_bytes", [1, 4 * 2 * 6 * 37 * 3, 2**24])  # one query, 3 queries, all at once
-def test_attention_probs_in_query_blocks_equal_the_reference(monkeypatch, block_bytes):
+def test_attention_probs_in_query_blocks_equal_the_reference(monkeypatch, block_bytes, layout):
+    """evicted: shuffled slots with holes; prompt: a first prefill chunk, slots in position order
+    and right padding, where each block of queries stops at its causal frontier."""
     import tinyengine.attention as attention_module
 
     query_block = attention_module.query_block
     monkeypatch.setattr(attention_module, "query_block", lambda rows, elems: query_block(rows, elems, block_bytes))
     q, k, v, q_pos, kv_pos, _ = random_case(T=7)
+    if layout == "prompt":
+        kv_pos = torch.arange(37).expand(2, 2, -1).clone()
+        kv_pos[1, :, 30:] = -1  # the second row's prompt is shorter
+        q_pos = torch.tensor([[3, 9, 15, 21, 27, 33, 36], [2, 8, 14, 20, 26, 29, PAD_QUERY_POS]])
     assert attention_module.query_block(2 * 6, 37) == max(1, block_bytes // (4 * 2 * 6 * 37))
     want = reference_attention(q, k, v, q_pos, kv_pos)[1]
     torch.testing.assert_close(attention_probs(q, k, q_pos, kv_pos), want, atol=1e-6, rtol=1e-6)

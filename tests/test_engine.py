@@ -49,6 +49,65 @@ def test_batch_equals_each_prompt_alone(pair):
     assert batched == [Engine(model).generate([p], 20)[0] for p in prompts]
 
 
+def test_distinct_rows():
+    from tinyengine.engine import distinct_rows
+
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6], [1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    assert distinct_rows(tokens[:2], torch.tensor([3, 3])) is None
+    first, copy = distinct_rows(tokens, torch.tensor([3, 3, 3, 2, 3]))  # row 3 is a shorter prompt
+    assert torch.equal(tokens[first[copy]], tokens) and first[copy].tolist() == [0, 1, 0, 3, 0]
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "momentkv"])
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_rows_with_one_prompt_score_it_once_and_equal_distinct_rows(pair, policy, chunk):
+    """Rows repeating a prompt share its first chunk's scoring attention (Engine.prefill): each
+    row still keeps, holds and generates what it does in a batch without repeats."""
+    from policies import make_plan
+
+    _, model = pair
+    a, b = prompts_of([30, 21])
+    options = {"window": 8} if policy != "h2o" else {}
+    repeated, plain = (Engine(model, make_plan(policy, budget=16, options=options), prefill_chunk=chunk) for _ in range(2))
+    out, alone = repeated.generate([a, b, a, a], 12), plain.generate([a, b], 12)
+    assert repeated._distinct is not None and plain._distinct is None  # the shared path ran, and only there
+    rows = [0, 1, 0, 0]
+    assert out == [alone[r] for r in rows]
+    for mine, theirs in zip(repeated.caches, plain.caches):
+        assert torch.equal(mine.pos, theirs.pos[rows])
+        torch.testing.assert_close(mine.k, theirs.k[rows], atol=1e-5, rtol=1e-5)
+
+
+SHARED_PROMPT_ROWS = {  # spec -> the plan of row j (rows at different budgets) and the prompt slots they share
+    "none": (lambda j: CachePlan(), 40),
+    "momentum": (lambda j: dict(decode_budget=8 * (j + 1)), 40),
+    "scope": (lambda j: dict(decode_budget=8 * (j + 1), options={"recent": 4}), 40),
+    "snapkv+momentum": (lambda j: dict(budget=24, decode_budget=8 * (j + 1), options={"window": 8}), 24),
+    "h2o": (lambda j: dict(budget=44 + 4 * j), 0),  # unified: it may evict the prompt, nothing is shared
+}
+
+
+@pytest.mark.parametrize("spec", list(SHARED_PROMPT_ROWS))
+def test_rows_with_one_prompt_share_its_slots_at_decode(pair, spec):
+    """Rows that share a frozen prompt attend to it once at decode (Engine.shared_slots, read
+    from row 0): the same tokens and logits as each row generating alone."""
+    from policies import make_plan
+    from tinyengine.benchkit import drive
+
+    _, model = pair
+    (prompt,) = prompts_of([40])
+    row_plan, shared = SHARED_PROMPT_ROWS[spec]
+    plans = [row_plan(j) if spec == "none" else make_plan(spec, **row_plan(j)) for j in range(3)]
+    engine, seen = Engine(model, plans[-1]), []
+    together, _ = drive(engine, [prompt] * 3, None, 20, row_plans=plans, on_logits=lambda t, x: seen.append(x.clone()))
+    assert engine.shared_slots == [shared] * 2
+    for j, plan in enumerate(plans):
+        alone_seen = []
+        alone, _ = drive(Engine(model, plan), [prompt], None, 20, on_logits=lambda t, x: alone_seen.append(x.clone()))
+        assert together[j] == alone[0], (spec, j)
+        assert all(torch.allclose(a[0], b[j], atol=1e-4) for a, b in zip(alone_seen, seen)), (spec, j)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 16])
 def test_chunked_prefill_equals_one_pass(pair, chunk):
     _, model = pair

@@ -36,12 +36,30 @@ def slot_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
     return (kv >= 0) & (kv <= q_pos[:, None, :, None])
 
 
-def reference_attention(q, k, v, q_pos, kv_pos, kv_bias=None):
-    """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> (out [B, Hq, T, D], probs [B, Hq, T, S])."""
+def reference_attention(q, k, v, q_pos, kv_pos, kv_bias=None, shared=0):
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> (out [B, Hq, T, D], probs [B, Hq, T, S]).
+
+    shared: the first `shared` slots hold the same tokens in every row and every query sees them
+    (a prompt the rows share and never evict: parallel samples, or bench.py's budgets as rows).
+    They are read once, from row 0, for the queries of all rows folded together, instead of once
+    per row: decoding a batch over a long shared prompt reads its K/V once per step.
+    """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    probs = torch.softmax(attention_logits(q, k, q_pos, kv_pos, kv_bias), dim=-1)
-    out = probs.to(v.dtype) @ v
+    if shared == 0 or B == 1:
+        probs = torch.softmax(attention_logits(q, k, q_pos, kv_pos, kv_bias), dim=-1)
+        out = probs.to(v.dtype) @ v
+        return out.view(B, Hq, T, D), probs.view(B, Hq, T, S)
+    GT = Hq // Hkv * T
+    rows = q.reshape(B, Hkv, GT, D).transpose(0, 1).reshape(Hkv, B * GT, D)  # every row's queries, per kv head
+    head = (rows @ k[0, :, :shared].transpose(-1, -2)).view(Hkv, B, GT, shared).transpose(0, 1).float() * (1.0 / math.sqrt(D))
+    if kv_bias is not None:
+        head = head + kv_bias[:, :, None, :shared]
+    tail = attention_logits(q, k[:, :, shared:], q_pos, kv_pos[..., shared:], None if kv_bias is None else kv_bias[..., shared:])
+    probs = torch.softmax(torch.cat([head, tail], dim=-1), dim=-1).to(v.dtype)  # [B, Hkv, GT, S]
+    out = probs[..., shared:] @ v[:, :, shared:]
+    folded = probs[..., :shared].transpose(0, 1).reshape(Hkv, B * GT, shared)
+    out += (folded @ v[0, :, :shared]).view(Hkv, B, GT, D).transpose(0, 1)
     return out.view(B, Hq, T, D), probs.view(B, Hq, T, S)
 
 
@@ -75,20 +93,30 @@ def attention_probs(q, k, q_pos, kv_pos, weight=None, summed=False):
 
     weight [B, T]: scales each query's row (0 drops it). summed: the rows' sum, [B, Hq, 1, S],
     without ever holding all of them (every query of a 4K prompt would be [B, Hq, 4K, 4K]).
+
+    A block attends only up to the last slot any of its queries may see: in a first prefill chunk
+    (slots in position order) that is the causal frontier, so all queries of a prompt cost half
+    the full square. The slots past it get probability 0, as they would anyway.
     """
     B, Hq, T, D = q.shape
-    S = k.shape[2]
-    probs = torch.zeros(B, Hq, 1, S, device=q.device) if summed else torch.empty(B, Hq, T, S, device=q.device)
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    probs = torch.zeros(B, Hq, 1, S, device=q.device) if summed else torch.zeros(B, Hq, T, S, device=q.device)
     step = query_block(B * Hq, S)
+    qs = q * (1.0 / math.sqrt(D))
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        block = torch.softmax(attention_logits(q[:, :, t0:t1], k, q_pos[:, t0:t1], kv_pos), -1).view(B, Hq, t1 - t0, S)
+        allowed = slot_mask(q_pos[:, t0:t1], kv_pos)  # [B, Hkv, t, S]
+        end = S - int(allowed.flatten(0, 2).any(0).flip(0).byte().argmax())  # after the last slot seen
+        logits = qs[:, :, t0:t1].reshape(B, Hkv, G * (t1 - t0), D) @ k[:, :, :end].transpose(-1, -2)
+        logits.view(B, Hkv, G, t1 - t0, end).masked_fill_(~allowed[:, :, None, :, :end], float("-inf"))
+        block = torch.softmax(logits, -1).view(B, Hq, t1 - t0, end)
         if weight is not None:
             block = block * weight[:, None, t0:t1, None]
         if summed:
-            probs += block.sum(2, keepdim=True)
+            probs[..., :end] += block.sum(2, keepdim=True)
         else:
-            probs[:, :, t0:t1] = block
+            probs[:, :, t0:t1, :end] = block
     return probs
 
 

@@ -14,7 +14,9 @@ writes the new keys/values into the cache and attends over its slots:
       tensor code with fixed shapes, so the graph never recompiles.
 
 Batches of prompts of different lengths are right-padded; padding has no valid position, so
-it is never attended to, and generated tokens reuse its slots.
+it is never attended to, and generated tokens reuse its slots. Rows with one prompt (parallel
+samples; bench.py's budgets as rows) score its first chunk once and, when the plan never evicts
+the prompt, attend to its slots once per decode step for all of them (`shared_slots`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,19 @@ from policies.base import CachePlan, choose_victim, keep_top
 from tinyengine.attention import PAD_QUERY_POS, attention, attention_probs, causal_attention, reference_attention
 from tinyengine.cache import KVCache, first_free_slot
 from tinyengine.errors import TinyEngineError
+
+
+def distinct_rows(tokens: torch.Tensor, lengths: torch.Tensor):
+    """(first [U], copy [B]) such that row b's prompt is row first[copy[b]]'s, or None if every
+    row's prompt differs. Rows with one prompt (bench.py runs a policy at several budgets as rows,
+    parallel samples of one prompt) hold the same queries and keys in the first prefill chunk,
+    where the caches are still empty: prefill scoring's attention is computed once for them."""
+    distinct, copy = torch.unique(torch.cat([tokens, lengths[:, None]], 1), dim=0, return_inverse=True)
+    if len(distinct) == len(tokens):
+        return None
+    rows = torch.arange(len(tokens), device=tokens.device)
+    first = torch.full((len(distinct),), len(tokens), device=tokens.device).scatter_reduce(0, copy, rows, "amin")
+    return first, copy
 
 
 @dataclass
@@ -75,6 +90,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.caches: list[KVCache] = []
         self.batch = self.capacity = 0
+        self.compiled = compile
         self.decode_step = torch.compile(self._decode_step, fullgraph=True, dynamic=False) if compile else self._decode_step
         nc = self.plan.correction
         if nc is not None and nc.count_in_budget:  # the moments' memory, in cache slots, comes off the budget
@@ -109,6 +125,7 @@ class Engine:
         if self.plan.correction is not None:
             self.plan.correction.allocate(a.num_layers, batch, a.num_kv_heads, a.head_dim, self.device)
         self.batch, self.capacity = batch, capacity
+        self.shared_slots = [0] * a.num_layers  # set by each prefill
 
     def kv_bytes(self) -> int:
         """Bytes the caches hold allocated (K, V and slot positions), policy state excluded."""
@@ -143,6 +160,7 @@ class Engine:
                             for i in range(L)]
         for p in self.plan.policies():
             p.start(self._keep, self.pool_budget)
+        self._distinct = distinct_rows(tokens, lengths)
         chunk = self.prefill_chunk or T
         self._stored = [0] * L  # entries per kv head each layer's cache holds after the chunks so far
         self._kept_scores = [None] * self.args.num_layers
@@ -162,7 +180,19 @@ class Engine:
             for p in self.plan.policies():
                 p.on_prefill(i, self._kept_scores[i], self._stored[i])
             self.next_slot[i] = first_free_slot(cache.pos)
+        self.shared_slots = [self._shared_slots(cache) for cache in self.caches]
         return logits
+
+    def _shared_slots(self, cache) -> int:
+        """How many leading slots of this layer hold the same prompt tokens in every row and stay
+        for the whole decode (reference_attention's `shared`): rows with one prompt (distinct_rows),
+        a plan that never evicts the prompt (not unified) and no NC correction. 0 when compiled: the
+        graph would depend on it (one graph for every prompt)."""
+        if (self.batch < 2 or self.plan.unified or self.plan.correction is not None or self.compiled
+                or self._distinct is None or len(self._distinct[0]) > 1):
+            return 0
+        same = ((cache.pos == cache.pos[:1]).all(0) & (cache.pos[0] >= 0)).all(0)  # [S]: the slot agrees in every row and head
+        return int(same.long().cumprod(0).sum())  # its leading run: prompt slots, frozen (they are never in the pool)
 
     def _after_chunk(self, tokens_so_far: int) -> list[int]:
         if not self.plan.compresses_prompt():
@@ -193,10 +223,14 @@ class Engine:
             else:
                 out = attention(q, keys, values, q_pos, kpos, backend=self.prefill_backend)
             window_probs, extra = None, {}
-            if plan.prefill.window > 0:
-                window_probs = self._window_probs(q, keys, q_pos, kpos, lengths, c0, plan.prefill.window)
-            elif plan.prefill.window < 0:  # every query of the chunk, summed (h2o)
-                window_probs = self._window_probs(q, keys, q_pos, kpos, lengths, c0, T, summed=True)
+            if plan.prefill.window != 0:  # < 0: every query of the chunk, summed (h2o)
+                window, summed = (plan.prefill.window, False) if plan.prefill.window > 0 else (T, True)
+                if n == 0 and self._distinct is not None:  # rows with one prompt: same queries, keys and probs
+                    first, copy = self._distinct
+                    window_probs = self._window_probs(q[first], keys[first], q_pos[first], kpos[first], lengths[first], c0,
+                                                      window, summed)[copy]
+                else:
+                    window_probs = self._window_probs(q, keys, q_pos, kpos, lengths, c0, window, summed)
             if getattr(plan.prefill, "needs_query", False):  # e.g. momentkv's MI reads queries and moments
                 extra = dict(window=self._window_queries(q, q_pos, lengths, c0, plan.prefill.window),
                              keep=self._layer_keep[layer], moments=plan.correction)
@@ -270,7 +304,7 @@ class Engine:
             if nc is not None:  # NC (or, for MI alone, plain attention): policies/correction.py
                 out, probs, scores = nc.attention(layer, q, cache.k, cache.v, pos[:, None], cache.pos, self.decode_backend, need)
             elif need or self.decode_backend == "reference":
-                out, probs = reference_attention(q, cache.k, cache.v, pos[:, None], cache.pos)
+                out, probs = reference_attention(q, cache.k, cache.v, pos[:, None], cache.pos, shared=self.shared_slots[layer])
             else:
                 out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
             if policy is not None:  # its scores wait for the end of the step (_free_slots)
