@@ -70,11 +70,11 @@ def attention_logits(q, k, q_pos, kv_pos, kv_bias=None):
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     qg = q.reshape(B, Hkv, G * T, D)
-    scores = (qg @ k.transpose(-1, -2)).view(B, Hkv, G, T, S).float() * (1.0 / math.sqrt(D))
+    scores = (qg @ k.transpose(-1, -2)).view(B, Hkv, G, T, S).float().mul_(1.0 / math.sqrt(D))  # in place: a fresh product
     if kv_bias is not None:
-        scores = scores + kv_bias[:, :, None, None, :]
+        scores.add_(kv_bias[:, :, None, None, :])
     allowed = slot_mask(q_pos, kv_pos)[:, :, None]
-    return scores.masked_fill(~allowed, float("-inf")).view(B, Hkv, G * T, S)
+    return scores.masked_fill_(~allowed, float("-inf")).view(B, Hkv, G * T, S)
 
 
 def query_block(rows: int, row_elems: int, block_bytes: int = 2**24) -> int:
@@ -99,17 +99,14 @@ def attention_probs(q, k, q_pos, kv_pos, weight=None, summed=False):
     the full square. The slots past it get probability 0, as they would anyway.
     """
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    probs = torch.zeros(B, Hq, 1, S, device=q.device) if summed else torch.zeros(B, Hq, T, S, device=q.device)
+    S = k.shape[2]
+    probs = torch.zeros(B, Hq, 1 if summed else T, S, device=q.device)
     step = query_block(B * Hq, S)
-    qs = q * (1.0 / math.sqrt(D))
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        allowed = slot_mask(q_pos[:, t0:t1], kv_pos)  # [B, Hkv, t, S]
-        end = S - int(allowed.flatten(0, 2).any(0).flip(0).byte().argmax())  # after the last slot seen
-        logits = qs[:, :, t0:t1].reshape(B, Hkv, G * (t1 - t0), D) @ k[:, :, :end].transpose(-1, -2)
-        logits.view(B, Hkv, G, t1 - t0, end).masked_fill_(~allowed[:, :, None, :, :end], float("-inf"))
+        seen = ((kv_pos >= 0) & (kv_pos <= q_pos[:, t0:t1].max())).flatten(0, 1).any(0)  # [S]: by the block's latest query
+        end = S - int(seen.flip(0).byte().argmax())  # after the last slot seen
+        logits = attention_logits(q[:, :, t0:t1], k[:, :, :end], q_pos[:, t0:t1], kv_pos[..., :end])
         block = torch.softmax(logits, -1).view(B, Hq, t1 - t0, end)
         if weight is not None:
             block = block * weight[:, None, t0:t1, None]

@@ -188,8 +188,8 @@ class Engine:
         for the whole decode (reference_attention's `shared`): rows with one prompt (distinct_rows),
         a plan that never evicts the prompt (not unified) and no NC correction. 0 when compiled: the
         graph would depend on it (one graph for every prompt)."""
-        if (self.batch < 2 or self.plan.unified or self.plan.correction is not None or self.compiled
-                or self._distinct is None or len(self._distinct[0]) > 1):
+        if (self.plan.unified or self.plan.correction is not None or self.compiled
+                or self._distinct is None or len(self._distinct[0]) > 1):  # (one row is distinct: None)
             return 0
         same = ((cache.pos == cache.pos[:1]).all(0) & (cache.pos[0] >= 0)).all(0)  # [S]: the slot agrees in every row and head
         return int(same.long().cumprod(0).sum())  # its leading run: prompt slots, frozen (they are never in the pool)
