@@ -128,6 +128,65 @@ class Progress:
         self.bar.close()
 
 
+_JOBS = None  # (function, jobs, bench, progress counter): what run_jobs' forked workers read
+
+
+def _run_job(i: int):
+    fn, jobs, b, counter = _JOBS
+    before = len(b.notes)
+
+    def tick(cost):
+        with counter.get_lock():
+            counter.value += cost
+
+    return i, fn(jobs[i], tick), b.notes[before:]
+
+
+def run_jobs(b, bar: Progress, jobs: list, fn, label) -> list:
+    """fn(job, tick) for each job, in `--workers` forked processes; results in job order. tick(cost)
+    advances the progress bar; notes the jobs add come back to `b.notes`.
+
+    The jobs are independent runs of one suite (a policy at its ratios or budgets, a kvpress sample).
+    An eager decode step of a few rows spends about a third of its time in Python and small ops that
+    keep one core busy, so two one-thread processes get more done on 2 cores than one with two threads
+    (~1.25x on the long-generation steps, measured). fork() shares the model, the recorded prefill and
+    the reference logits with the workers, copy-on-write, and each job's numbers are what it computes
+    alone (tests/test_bench.py)."""
+    workers = min(b.args.workers, len(jobs))
+    if workers <= 1:
+        results = []
+        for job in jobs:
+            bar.doing(label(job))
+            results.append(fn(job, bar.done))
+        return results
+    import multiprocessing
+
+    import torch
+
+    global _JOBS
+    ctx = multiprocessing.get_context("fork")
+    counter = ctx.Value("d", 0.0)
+    _JOBS = (fn, jobs, b, counter)
+    results, shown = {}, 0.0
+    try:
+        with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(max(1, torch.get_num_threads() // workers),)) as pool:
+            pending = pool.imap_unordered(_run_job, range(len(jobs)))
+            while len(results) < len(jobs):
+                # Workers take jobs in order, so the running ones are the first unfinished.
+                bar.doing(" | ".join([label(jobs[k]) for k in range(len(jobs)) if k not in results][:workers]))
+                try:
+                    i, result, notes = pending.next(timeout=1.0)
+                    results[i] = result
+                    b.notes += notes
+                except multiprocessing.TimeoutError:
+                    pass
+                bar.done(counter.value - shown)
+                shown = counter.value
+    finally:
+        _JOBS = None
+    return [results[i] for i in range(len(jobs))]
+
+
 # ----------------------------------------------------------------------------- shared setup
 
 
@@ -330,16 +389,25 @@ def suite_fidelity(b: Bench, size: dict) -> list[dict]:
         (full_logits,), (full_attn,), tape = run(b.engine(CachePlan()), record=plan_window([c[4] for c in configs]))
         bar.done(L)
         rows.append(fid_row(b, "fidelity", "full", "tinyengine", None, full_logits, full_logits, full_attn, full_attn, cont, 1.0))
-        for table, method in dict.fromkeys((c[0], c[1]) for c in configs):  # a method's ratios as rows of one batch
-            group = [c for c in configs if c[:2] == (table, method)]
-            bar.doing(f"{method} ratios {','.join(str(c[2]) for c in group)}")
+        methods = list(dict.fromkeys((c[0], c[1]) for c in configs))
+        groups = {m: [c for c in configs if c[:2] == m] for m in methods}
+        for table, method in methods:  # checked once per plan, here, so that the workers inherit the answers
+            for c in groups[table, method]:
+                b.replay_ok(f"{table}:{method}@{c[2]}", c[3], ctx[0])
+
+        def run_method(m, tick):  # a method's ratios as rows of one batch
+            table, method = m
+            group = groups[m]
             engine, row_plans, group_tape = b.as_rows([f"{table}:{method}@{c[2]}" for c in group], [c[3] for c in group],
                                                       ctx[0], tape, len(ctx))
             logits, attn, _ = run(engine, len(group), row_plans, tape=group_tape)
-            for j, (_, _, r, _, plan) in enumerate(group):
-                kept = kept_fraction(plan, [len(c) for c in ctx])
-                rows.append(fid_row(b, table, method, "tinyengine", r, full_logits, logits[j], full_attn, attn[j], cont, kept))
-            bar.done(L * len(group))
+            tick(L * len(group))
+            return [fid_row(b, table, method, "tinyengine", r, full_logits, logits[j], full_attn, attn[j], cont,
+                            kept_fraction(plan, [len(c) for c in ctx])) for j, (_, _, r, _, plan) in enumerate(group)]
+
+        label = lambda m: f"{m[1]} ratios {','.join(str(c[2]) for c in groups[m])}"  # noqa: E731
+        for got in run_jobs(b, bar, methods, run_method, label):
+            rows += got
     finally:
         for h in hooks:
             h.remove()
@@ -464,16 +532,25 @@ def suite_ruler(b: Bench, size: dict) -> list[dict]:
         out, tape = drive(b.engine(CachePlan()), prompts, forced, new, replay=b.replay, record_window=window, stop_ids=stop)
         score_rows(scores, ("full", "tinyengine", None), g, out, samples, b.tokenizer)
         bar.done(sum(len(p) for p in prompts) / 200 + steps(g))
-        for spec in dict.fromkeys(spec for spec, _, _ in plans):  # a policy's ratios as rows of one batch
-            rs = [r for other, r, _ in plans if other == spec]
-            bar.doing(f"{spec} ratios {','.join(map(str, rs))}, {samples[g[0]].length} tokens x{len(g)}")
-            engine, row_plans, rows_tape = b.as_rows([f"{spec}@{r}" for r in rs], [plan_factory(b, spec, r, len(prompts[0])) for r in rs],
-                                                     prompts[0], tape, len(g))
+        specs = list(dict.fromkeys(spec for spec, _, _ in plans))
+        ratios_of = {spec: [r for other, r, _ in plans if other == spec] for spec in specs}
+        factories = {spec: [plan_factory(b, spec, r, len(prompts[0])) for r in ratios_of[spec]] for spec in specs}
+        for spec in specs:  # checked once per plan, here, so that the workers inherit the answers
+            for r, factory in zip(ratios_of[spec], factories[spec]):
+                b.replay_ok(f"{spec}@{r}", factory, prompts[0])
+
+        def run(spec, tick):  # a policy's ratios as rows of one batch
+            rs = ratios_of[spec]
+            engine, row_plans, rows_tape = b.as_rows([f"{spec}@{r}" for r in rs], factories[spec], prompts[0], tape, len(g))
             out, _ = drive(engine, prompts * len(rs), forced * len(rs), new * len(rs), row_plans=row_plans,
                            tape=rows_tape, replay=b.replay, stop_ids=stop)
-            for j, r in enumerate(rs):
+            tick(len(rs) * steps(g))
+            return out
+
+        label = lambda spec: f"{spec} ratios {','.join(map(str, ratios_of[spec]))}, {samples[g[0]].length} tokens x{len(g)}"  # noqa: E731
+        for spec, out in zip(specs, run_jobs(b, bar, specs, run, label)):
+            for j, r in enumerate(ratios_of[spec]):
                 score_rows(scores, (spec, "tinyengine", r), g, out[j * len(g):(j + 1) * len(g)], samples, b.tokenizer)
-            bar.done(len(rs) * steps(g))
         del tape
     if presses:
         ruler_kvpress(b, presses, ratios, samples, segs, scores, bar)
@@ -510,20 +587,26 @@ def ruler_kvpress(b, presses, ratios, samples, segs, scores, bar):
     from tinyengine.benchkit import PressBank, hf_continue, make_press, stack_caches
 
     stop = b.tokenizer.stop_token_ids
-    for i, s in enumerate(samples):
+    b.hf  # loaded once, before the workers fork
+
+    def run(i, tick):
+        s = samples[i]
         ctx, q = segs[i]
         bank = {f"{p}@{r}": make_press(p, r) for p in presses for r in ratios}
-        bar.doing(f"kvpress prefill, {s.task} {s.length} tokens")
         first, compressed, full = PressBank(b.hf, bank).prefill(torch.tensor([ctx]))
-        bar.done(len(ctx) / 200)
-        # The caches of one length continue as one batch (kvpress's pipeline would run them one by one).
-        bar.doing(f"kvpress {len(bank)} presses x ratios, {s.task} {s.length} tokens")
+        tick(len(ctx) / 200)
+        got = []
+        # The caches of one sample continue as one batch (kvpress's pipeline would run them one by one).
         for names, layers in stack_caches({"full": full, **compressed}):
-            outs = hf_continue(b.hf, layers, len(ctx), q, s.max_new_tokens, stop_ids=stop, first_logits=first)
-            for name, out in zip(names, outs):
-                p, _, r = name.partition("@")
-                score_rows(scores, (p, "kvpress", float(r) if r else None), [i], [out], samples, b.tokenizer)
-        bar.done(len(bank) * s.max_new_tokens / 4)
+            got += zip(names, hf_continue(b.hf, layers, len(ctx), q, s.max_new_tokens, stop_ids=stop, first_logits=first))
+        tick(len(bank) * s.max_new_tokens / 4)
+        return got
+
+    label = lambda i: f"kvpress, {samples[i].task} {samples[i].length} tokens"  # noqa: E731
+    for i, got in enumerate(run_jobs(b, bar, list(range(len(samples))), run, label)):
+        for name, out in got:
+            p, _, r = name.partition("@")
+            score_rows(scores, (p, "kvpress", float(r) if r else None), [i], [out], samples, b.tokenizer)
 
 
 # ----------------------------------------------------------------------------- quality: long generation
@@ -566,15 +649,16 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
     rows = [{"method": "full", "decode_budget": None, "parity": None, "score": mean_of(longgen_score(text, sample.references)),
              "per_question": longgen_score(text, sample.references), "kl": 0.0, "top1": 1.0, "prompt_tokens": len(prompt),
              "generated": len(full_out), "sample_output": text[:600]}]
-    for name in names:
+    for name in [name for name in names if any(p is None for p, _ in made[name])]:  # skipped (noted by decode_plan)
+        names.remove(name)
+        bar.done(n)
+    ok = {name: b.replay_ok(f"longgen:{name}", lambda name=name: decode_plan(b, name, len(prompt), budgets[-1], budgets)[0], prompt)
+          for name in names}
+    k = len(budgets)
+
+    def run(name, tick):
+        """One batch: each budget generating freely, then each budget teacher-forced along full's output."""
         plans, parity = [p for p, _ in made[name]], made[name][0][1]
-        if any(p is None for p in plans):
-            bar.done(n)
-            continue
-        ok = b.replay_ok(f"longgen:{name}", lambda: decode_plan(b, name, len(prompt), budgets[-1], budgets)[0], prompt)
-        # One batch: each budget generating freely, then each budget teacher-forced along full's output.
-        k = len(budgets)
-        bar.doing(f"{name} at decode budgets {','.join(map(str, budgets))}")
         kl, top1 = [[] for _ in budgets], [[] for _ in budgets]
 
         def on_logits(t, logits):
@@ -582,17 +666,22 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
             for j in range(k):
                 kl[j].append(a[j].item())
                 top1[j].append(c[j].item())
+            tick(1)
 
         engine = b.engine(max(plans, key=lambda p: p.pool_budget(len(prompt))))
         out, _ = drive(engine, [prompt] * (2 * k), [[]] * k + [full_out] * k, [n] * k + [0] * k, ban_ids=ban,
-                       on_logits=on_logits, row_plans=plans * 2, tape=tape.repeat(2 * k) if ok else None, replay=b.replay)
+                       on_logits=on_logits, row_plans=plans * 2, tape=tape.repeat(2 * k) if ok[name] else None, replay=b.replay)
+        rows = []
         for j, db in enumerate(budgets):
             t = b.tokenizer.decode(out[j])
             per_q = longgen_score(t, sample.references)
             rows.append({"method": name, "decode_budget": db, "parity": parity, "score": mean_of(per_q), "per_question": per_q,
                          "kl": mean_of(kl[j]), "top1": mean_of(top1[j]), "kl_by_pos": bucket(kl[j], 16),
                          "sample_output": t[:600]})
-        bar.done(n)
+        return rows
+
+    for got in run_jobs(b, bar, names, run, lambda name: f"{name} at decode budgets {','.join(map(str, budgets))}"):
+        rows += got
     bar.close()
     return rows
 
@@ -635,6 +724,10 @@ def bucket(xs: list[float], k: int) -> list[float]:
 def quality(args) -> list[Path]:
     size = SIZES[args.size]
     b = Bench(args)
+    if args.device != "cpu":
+        args.workers = 1  # a CUDA context does not survive fork()
+    elif args.pack:
+        b.model.pack_weights()  # shared with the workers; the speed suites time the default engine
     paths = []
     suites = [("fidelity", suite_fidelity), ("ruler", suite_ruler), ("longgen", suite_longgen)]
     for name, fn in suites:
@@ -644,7 +737,8 @@ def quality(args) -> list[Path]:
         b.notes = []
         rows = fn(b, size)
         config = {k: v for k, v in size.items()}
-        config.update({k: getattr(args, k) for k in ("ratios", "budgets", "policies", "question_aware", "seed", "kvpress")})
+        config.update({k: getattr(args, k) for k in ("ratios", "budgets", "policies", "question_aware", "seed", "kvpress",
+                                                      "workers", "pack")})
         paths.append(save(args, name, rows, b.notes, config, started))
     return paths
 
@@ -687,6 +781,10 @@ def parse_args(argv=None):
                    help="prefill every policy for real instead of replaying the recorded full prefill (slower; same numbers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--workers", type=int, default=2 if (os.cpu_count() or 1) >= 2 else 1,
+                   help="quality: processes sharing the threads, one job each (default 2 on 2+ cores; 1 on a GPU)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="quality on CPU: oneDNN-packed weights for batched decode (Transformer.pack_weights; 2x weight memory)")
     p.add_argument("--out", default=str(ROOT / "bench_results"))
     p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--no-progress", action="store_true")

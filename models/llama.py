@@ -154,11 +154,22 @@ class RMSNorm(nn.Module):
 # columns runs its gemm at ~25-29 GB/s on the 2-core machine (`bench.py attention`: the linear table).
 # Larger products (prefill) are compute-bound, equally fast either way, and keep F.linear.
 SMALL_ROWS = 8
+# With 3 or more rows MKL's gemm is compute-bound at ~54 GFLOP/s on the 2-core machine (AVX-512), and
+# oneDNN's kernel on a weight reordered once into its blocked layout runs 3-64 rows faster (~2x at 8-16
+# rows: `bench.py attention`'s linear table; 1-2 rows ~20% slower, so they keep W @ x^T). It costs a
+# second copy of the weights, so it is opt-in (Transformer.pack_weights, generate.py --pack-weights);
+# bench.py's quality suites decode 3-16 rows per step with it.
+PACKED_ROWS = (3, 64)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), written W @ x^T on CPU for at most SMALL_ROWS rows (decode)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias): on CPU written W @ x^T for at most SMALL_ROWS rows (decode), or
+    with `packed` (weight in oneDNN's layout, Transformer.pack_weights) for PACKED_ROWS rows."""
     rows = x.numel() // x.shape[-1]
+    if packed is not None and PACKED_ROWS[0] <= rows <= PACKED_ROWS[1] and not torch.compiler.is_compiling():
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
+        return y.view(*x.shape[:-1], weight.shape[0])
     if x.device.type != "cpu" or rows > SMALL_ROWS:
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])
@@ -170,11 +181,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` reordered into oneDNN's blocked layout for `linear(..., packed=)` (a copy)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # 8: the batch size it tunes the layout for
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters and names) whose forward is `linear`."""
 
+    packed = None  # oneDNN-blocked copy of `weight` (Transformer.pack_weights); not a parameter or buffer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 class Attention(nn.Module):
@@ -246,6 +264,20 @@ class Transformer(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.output_packed = None  # pack_weights
+
+    def pack_weights(self):
+        """Keep a oneDNN-blocked copy of every weight matrix (the output layer's too) and use it for
+        products of PACKED_ROWS rows: batched decode on CPU, ~1.4-2x faster matmuls for twice the
+        weight memory. Float32 on CPU only; call it after the weights are loaded (or sharded), since
+        the copy does not follow later changes to them."""
+        weight = self.output_weight()
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            raise ValueError(f"pack_weights needs float32 weights on a CPU with oneDNN (got {weight.dtype} on {weight.device})")
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.packed = pack(m.weight)
+        self.output_packed = pack(weight)
 
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
@@ -270,4 +302,4 @@ class Transformer(nn.Module):
         if last_only is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_only].unsqueeze(1)
         x = self.model.norm(x)
-        return linear(x, self.output_weight()).float()
+        return linear(x, self.output_weight(), packed=self.output_packed).float()

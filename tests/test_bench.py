@@ -322,6 +322,69 @@ def test_fidelity_samples_are_prose_and_seeded():
 # ----------------------------------------------------------------------------- the CLI end to end
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_jobs_returns_results_in_order_with_notes_progress_and_errors(workers):
+    """bench.run_jobs: results in job order whichever finishes first, the jobs' notes and progress
+    reach the parent, each forked worker runs one thread, and a job's error is raised in the parent."""
+    import os
+    import time
+    import types
+
+    import bench
+
+    b = types.SimpleNamespace(args=types.SimpleNamespace(workers=workers), notes=["before"])
+    bar = bench.Progress("jobs", 10)
+
+    def fn(job, tick):
+        time.sleep(0.3 if job == 0 else 0)  # the first job finishes last
+        b.notes.append(f"job {job}")
+        tick(job + 1)
+        return job * job, os.getpid(), torch.get_num_threads()
+
+    got = bench.run_jobs(b, bar, [0, 1, 2, 3], fn, str)
+    assert [square for square, _, _ in got] == [0, 1, 4, 9]
+    assert sorted(b.notes) == ["before", "job 0", "job 1", "job 2", "job 3"]
+    assert bar.bar.n == 10
+    pids = {pid for _, pid, _ in got}
+    if workers == 1:
+        assert pids == {os.getpid()}
+    else:
+        assert os.getpid() not in pids and len(pids) == 2 and {threads for _, _, threads in got} == {1}
+
+    def fails(job, tick):
+        if job == 2:
+            raise ValueError("job 2 failed")
+        return job
+
+    with pytest.raises(ValueError, match="job 2 failed"):
+        bench.run_jobs(b, bar, [0, 1, 2, 3], fails, str)
+
+
+def test_workers_and_packed_weights_leave_the_numbers_as_they_are(tmp_path):
+    """`quality` with two worker processes and oneDNN-packed weights (the defaults on CPU) gives the
+    rows, in the same order, and the notes of one process on plain weights: scores, top-1 and kept
+    shares equal; KL, NLL and attention errors within float rounding (the packed kernel sums in
+    another order)."""
+    import bench
+
+    def run(*extra):
+        args = bench.parse_args(["quality", "--smoke", "--no-progress", "--policies", "snapkv,momentkv", "--presses", "knorm",
+                                 "--decode-policies", "momentum,h2o", "--out", str(tmp_path / extra[1]), *extra])
+        return {json.loads(p.read_text())["suite"]: json.loads(p.read_text()) for p in bench.quality(args)}
+
+    plain, fast = run("--workers", "1", "--no-pack"), run("--workers", "2", "--pack")
+    assert set(plain) == set(fast) == {"fidelity", "ruler", "longgen"}
+    key = lambda r: (r.get("table"), r["method"], r.get("source"), r.get("ratio"), r.get("decode_budget"))  # noqa: E731
+    for suite in plain:
+        assert fast[suite]["config"]["workers"] == 2 and fast[suite]["config"]["pack"] is True
+        assert fast[suite]["notes"] == plain[suite]["notes"]
+        a, c = plain[suite]["rows"], fast[suite]["rows"]
+        assert [key(r) for r in a] == [key(r) for r in c] and len(a) > 4
+        for x, y in zip(a, c):
+            assert all(x.get(f) == y.get(f) for f in ("score", "top1", "kept", "per_question")), (suite, key(x))
+            assert all(math.isclose(x[f], y[f], rel_tol=1e-3, abs_tol=1e-5) for f in ("kl", "nll", "rel_err") if f in x), (suite, key(x))
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -429,6 +492,8 @@ def test_report_states_the_quality_run_time_against_the_target():
     line = quality_time({"fidelity": run(600), "ruler": run(600, "python bench.py quality --suites ruler"), "longgen": run(60)})[0]
     assert "21.0 min" in line and ": met" in line and "separate commands" in line
     assert quality_time({"fidelity": run(1), "ruler": run(1, size="quick"), "longgen": run(1)}) == []
+    parallel = {**run(60), "config": {"workers": 2, "pack": True}}
+    assert "min**, 2 worker processes, packed weights (" in quality_time({"fidelity": run(60), "ruler": run(60), "longgen": parallel})[0]
 
 
 def test_report_ruler_parity_names_equal_and_different_methods():

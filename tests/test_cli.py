@@ -63,6 +63,7 @@ BAD = [
     (["--policy-arg", "novalue"], "KEY=VALUE"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "prompt-file"),
     (["--top-p", "0"], "top-p"),
+    (["--pack-weights", "--dtype", "bfloat16"], "pack-weights"),
     (["--bogus-flag"], "unrecognized"),
 ]
 
@@ -79,6 +80,15 @@ def test_bad_input_is_one_line_and_exit_2(args, needle):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert needle.lower() in lines[0].lower(), lines[0]
+
+
+def test_packed_weights_generate_what_plain_weights_do(smollm2):
+    """--pack-weights (oneDNN's layout, used for 3-64 rows) on a batch of three prompts: the same greedy text."""
+    prompts = [a for p in ("The capital of France is", "Water boils at", "One, two, three,") for a in ("--prompt", p)]
+    plain = run(*prompts, "--max-new-tokens", "12", "--quiet")
+    packed = run(*prompts, "--max-new-tokens", "12", "--quiet", "--pack-weights")
+    assert plain[0] == packed[0] == 0, (plain[2], packed[2])
+    assert packed[1] == plain[1] and "--- [2]" in plain[1]
 
 
 def test_prompt_longer_than_context(smollm2, tmp_path):

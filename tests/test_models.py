@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from helpers import causal_logits, tiny_hf_model, write_tiny_checkpoint
 
-from models.llama import SMALL_ROWS, linear
+from models.llama import PACKED_ROWS, SMALL_ROWS, linear, pack
 from tinyengine.engine import Engine
 from tinyengine.weights import load_model
 
@@ -73,3 +73,46 @@ def test_linear_equals_f_linear(rows, bias):
         y = linear(x, w, b)
         assert y.shape == (*shape[:-1], 48) and y.is_contiguous()
         torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, PACKED_ROWS[0], 8, 17, PACKED_ROWS[1], PACKED_ROWS[1] + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear(rows, bias):
+    """With a packed weight, linear() equals F.linear for any row count; the oneDNN kernel runs
+    for PACKED_ROWS rows only (shown by a packed copy of another matrix: only those rows change)."""
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(48, 40, generator=g), torch.randn(48, generator=g) if bias else None
+    for shape in [(rows, 40), (1, rows, 40)]:
+        x = torch.randn(*shape, generator=g)
+        y = linear(x, w, b, packed=pack(w))
+        assert y.shape == (*shape[:-1], 48)
+        torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        other = linear(x, w, b, packed=pack(-w))
+        used = PACKED_ROWS[0] <= rows <= PACKED_ROWS[1]
+        torch.testing.assert_close(other, F.linear(x, -w if used else w, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pack_weights_keeps_the_logits(tmp_path, tied):
+    """Transformer.pack_weights: a batched decode step (4 rows) gives the logits of the plain model,
+    and really runs on the packed copies: zeroing the weights afterwards changes nothing."""
+    model = load_model(write_tiny_checkpoint(tmp_path / "ckpt", "llama", tied))
+    tokens = torch.randint(0, model.args.vocab_size, (4, 12), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([12, 12, 10, 7])
+    engine = Engine(model)
+    engine.setup(4, 16)
+    with torch.inference_mode():
+        engine.prefill(tokens, lengths)
+        expected = engine.decode_step(tokens[:, :1], lengths[:, None])
+        engine.prefill(tokens, lengths)
+        model.pack_weights()
+        for p in model.parameters():
+            if p.dim() == 2 and p is not model.model.embed_tokens.weight:  # (the embedding lookup reads the table)
+                p.zero_()
+        torch.testing.assert_close(engine.decode_step(tokens[:, :1], lengths[:, None]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pack_weights_refuses_what_it_cannot_pack(tmp_path):
+    model = load_model(write_tiny_checkpoint(tmp_path / "c", "llama")).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 weights on a CPU"):
+        model.pack_weights()

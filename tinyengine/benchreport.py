@@ -514,14 +514,19 @@ def section_attention(d: dict) -> str:
                 f"Every weight matrix of the model at its shape ({some['layers']} layers and the output layer, "
                 f"{some['weight_mb']:.0f} MB, random float32) times a few rows: `F.linear` (x @ W^T) against the engine's "
                 "`models.llama.linear` (W @ x^T on CPU for up to 8 rows). Milliseconds per pass (median) and weight bytes "
-                "read per second. This is the measurement behind `linear`; its speed-up is from one run.", ""]
+                "read per second. This is the measurement behind `linear`; its speed-up is from one run. Packed: the "
+                "weights in oneDNN's blocked layout (`Transformer.pack_weights`, opt-in: a second copy of the weights), "
+                "used for 3-64 rows; below that `linear` keeps the plain form. Speed-ups are against `F.linear`.", ""]
         body = []
+        has_packed = any(form == "tinyengine, packed" for _, form in lin)
         for n in dict.fromkeys(r for r, _ in lin):
-            a, b = lin.get((n, "F.linear")), lin.get((n, "tinyengine"))
+            a, b, c = lin.get((n, "F.linear")), lin.get((n, "tinyengine")), lin.get((n, "tinyengine, packed"))
             if a and b:
+                cells = [f"{c['ms']:.1f} ({c['gb_s']:.1f} GB/s)", f"{a['ms'] / c['ms']:.2f}x"] if c else (["–", "–"] if has_packed else [])
                 body.append([str(n), f"{a['ms']:.1f} ({a['gb_s']:.1f} GB/s)", f"{b['ms']:.1f} ({b['gb_s']:.1f} GB/s)",
-                             f"{a['ms'] / b['ms']:.2f}x", f"{b['max_abs_err']:.1e}"])
-        out += [table(["rows", "F.linear ms", "tinyengine ms", "speed-up", "max abs diff"], body)]
+                             f"{a['ms'] / b['ms']:.2f}x"] + cells + [f"{max(b['max_abs_err'], c['max_abs_err'] if c else 0):.1e}"])
+        packed_head = ["packed ms", "packed speed-up"] if has_packed else []
+        out += [table(["rows", "F.linear ms", "tinyengine ms", "speed-up"] + packed_head + ["max abs diff"], body)]
     return "\n".join(out) + notes(d)
 
 
@@ -555,8 +560,11 @@ def quality_time(results: dict) -> list[str]:
     minutes = [d.get("elapsed_s", 0) / 60 for d in runs]
     one_run = len({d.get("command") for d in runs}) == 1 and runs[0].get("command", "").endswith("bench.py quality")
     total = sum(minutes)
+    config = runs[2].get("config", {})
+    how = "" if "workers" not in config else (f", {config['workers']} worker process{'es' if config['workers'] > 1 else ''}"
+                                              f"{', packed weights' if config.get('pack') else ''}")
     line = (f"Default quality run time: fidelity + ablation {minutes[0]:.1f} min, RULER {minutes[1]:.1f} min, long generation "
-            f"{minutes[2]:.1f} min, in all **{total:.1f} min** (issue 6's target: under 45 min on 2 CPU cores: "
+            f"{minutes[2]:.1f} min, in all **{total:.1f} min**{how} (issue 6's target: under 45 min on 2 CPU cores: "
             f"{'met' if total < 45 else 'not met'})")
     return [line + ("." if one_run else "; the three come from separate commands, so the total is their sum."), ""]
 

@@ -620,10 +620,11 @@ def linear_rows(a, dev, row_counts: list[int], max_bytes: int = 2**30, reps: int
     """The weight products of one decode step: every matrix of the model at its shape (random
     weights; as many layers as fit in `max_bytes`), times a few rows, written F.linear (x @ W^T)
     and as the engine writes them (models/llama.py `linear`). Milliseconds per pass, median of
-    `reps`, and the weight bytes read per second."""
+    `reps`, and the weight bytes read per second. On CPU also with the weights packed into oneDNN's
+    layout (Transformer.pack_weights), a copy made before timing."""
     import torch.nn.functional as F
 
-    from models.llama import linear
+    from models.llama import PACKED_ROWS, linear, pack
 
     g = torch.Generator().manual_seed(0)
     h, i, qd, kvd = a.hidden_size, a.intermediate_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
@@ -634,11 +635,17 @@ def linear_rows(a, dev, row_counts: list[int], max_bytes: int = 2**30, reps: int
     mats = [torch.randn(n, k, generator=g).to(dev) for _ in range(layers) for n, k in layer]
     mats.append(torch.randn(a.vocab_size, h, generator=g).to(dev))
     nbytes = sum(4 * w.numel() for w in mats)
+    forms = [("F.linear", F.linear), ("tinyengine", linear)]
+    if dev.type == "cpu" and torch.backends.mkldnn.is_available():
+        packed = {id(w): pack(w) for w in mats}
+        forms.append(("tinyengine, packed", lambda x, w: linear(x, w, packed=packed[id(w)])))
     out = []
     for r in row_counts:
         xs = {k: torch.randn(r, k, generator=g).to(dev) for k in {w.shape[1] for w in mats}}
         ref = F.linear(xs[h], mats[-1])  # a pass returns the output layer's product
-        for form, fn in (("F.linear", F.linear), ("tinyengine", linear)):
+        for form, fn in forms:
+            if form.endswith("packed") and not PACKED_ROWS[0] <= r <= PACKED_ROWS[1]:
+                continue  # linear() keeps the plain form there
             def one_pass():
                 for w in mats:
                     y = fn(xs[w.shape[1]], w)
