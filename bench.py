@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -159,8 +160,6 @@ def run_jobs(b, bar: Progress, jobs: list, fn, label) -> list:
             bar.doing(label(job))
             results.append(fn(job, bar.done))
         return results
-    import multiprocessing
-
     import torch
 
     global _JOBS
@@ -781,8 +780,8 @@ def parse_args(argv=None):
                    help="prefill every policy for real instead of replaying the recorded full prefill (slower; same numbers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
-    p.add_argument("--workers", type=int, default=2 if (os.cpu_count() or 1) >= 2 else 1,
-                   help="quality: processes sharing the threads, one job each (default 2 on 2+ cores; 1 on a GPU)")
+    p.add_argument("--workers", type=int, default=2 if (os.cpu_count() or 1) >= 2 and sys.platform == "linux" else 1,
+                   help="quality: forked processes sharing the threads, one job each (default 2 on Linux with 2+ cores; 1 on a GPU)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="quality on CPU: oneDNN-packed weights for batched decode (Transformer.pack_weights; 2x weight memory)")
     p.add_argument("--out", default=str(ROOT / "bench_results"))
@@ -790,6 +789,8 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # _probe: JSON spec of one memory measurement
     args = p.parse_args(argv)
+    if args.workers < 1 or (args.workers > 1 and "fork" not in multiprocessing.get_all_start_methods()):
+        p.error(f"--workers {args.workers}: give 1, or more where the platform has fork()")
     args.size = args.size or "default"
     args.argv = argv
     return args

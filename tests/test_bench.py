@@ -360,6 +360,14 @@ def test_run_jobs_returns_results_in_order_with_notes_progress_and_errors(worker
         bench.run_jobs(b, bar, [0, 1, 2, 3], fails, str)
 
 
+def test_workers_below_one_is_a_usage_error(capsys):
+    import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["quality", "--workers", "0"])
+    assert e.value.code == 2 and "--workers 0" in capsys.readouterr().err
+
+
 def test_workers_and_packed_weights_leave_the_numbers_as_they_are(tmp_path):
     """`quality` with two worker processes and oneDNN-packed weights (the defaults on CPU) gives the
     rows, in the same order, and the notes of one process on plain weights: scores, top-1 and kept
