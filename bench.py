@@ -148,9 +148,10 @@ def run_jobs(b, bar: Progress, jobs: list, fn, label) -> list:
     advances the progress bar; notes the jobs add come back to `b.notes`.
 
     The jobs are independent runs of one suite (a policy at its ratios or budgets, a kvpress sample).
-    An eager decode step of a few rows spends about a third of its time in Python and small ops that
-    keep one core busy, so two one-thread processes get more done on 2 cores than one with two threads
-    (~1.25x on the long-generation steps, measured). fork() shares the model, the recorded prefill and
+    An eager decode step of a few rows spends much of its time in Python and small ops that keep one
+    core busy, so two one-thread processes get more done on 2 cores than one with two threads (the
+    quality run's times in BENCHMARKS.md are with `--workers 2`; `--workers 1` gives the same rows,
+    slower). fork() shares the model, the recorded prefill and
     the reference logits with the workers, copy-on-write, and each job's numbers are what it computes
     alone (tests/test_bench.py)."""
     workers = min(b.args.workers, len(jobs))
@@ -648,9 +649,9 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
     rows = [{"method": "full", "decode_budget": None, "parity": None, "score": mean_of(longgen_score(text, sample.references)),
              "per_question": longgen_score(text, sample.references), "kl": 0.0, "top1": 1.0, "prompt_tokens": len(prompt),
              "generated": len(full_out), "sample_output": text[:600]}]
-    for name in [name for name in names if any(p is None for p, _ in made[name])]:  # skipped (noted by decode_plan)
-        names.remove(name)
-        bar.done(n)
+    skipped = [name for name in names if any(p is None for p, _ in made[name])]  # noted by decode_plan
+    bar.done(n * len(skipped))
+    names = [name for name in names if name not in skipped]
     ok = {name: b.replay_ok(f"longgen:{name}", lambda name=name: decode_plan(b, name, len(prompt), budgets[-1], budgets)[0], prompt)
           for name in names}
     k = len(budgets)

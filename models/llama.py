@@ -154,11 +154,11 @@ class RMSNorm(nn.Module):
 # columns runs its gemm at ~25-29 GB/s on the 2-core machine (`bench.py attention`: the linear table).
 # Larger products (prefill) are compute-bound, equally fast either way, and keep F.linear.
 SMALL_ROWS = 8
-# With 3 or more rows MKL's gemm is compute-bound at ~54 GFLOP/s on the 2-core machine (AVX-512), and
-# oneDNN's kernel on a weight reordered once into its blocked layout runs 3-64 rows faster (~2x at 8-16
-# rows: `bench.py attention`'s linear table; 1-2 rows ~20% slower, so they keep W @ x^T). It costs a
-# second copy of the weights, so it is opt-in (Transformer.pack_weights, generate.py --pack-weights);
-# bench.py's quality suites decode 3-16 rows per step with it.
+# From 3 rows on, MKL's gemm no longer reads the weights at full speed (the linear table's GB/s falls
+# as rows grow), and oneDNN's kernel on weights reordered once into its blocked layout is faster, while
+# for 1-2 rows it is slower than W @ x^T (`bench.py attention`'s linear table, "packed" column). It
+# costs a second copy of the weights, so it is opt-in (Transformer.pack_weights, generate.py
+# --pack-weights); bench.py's quality suites decode 3-16 rows per step with it.
 PACKED_ROWS = (3, 64)
 
 
@@ -168,8 +168,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     with `packed` (weight in oneDNN's layout, Transformer.pack_weights) for PACKED_ROWS rows."""
     rows = x.numel() // x.shape[-1]
     if packed is not None and PACKED_ROWS[0] <= rows <= PACKED_ROWS[1] and not torch.compiler.is_compiling():
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return packed_linear(x, packed, bias)
     if x.device.type != "cpu" or rows > SMALL_ROWS:
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])
@@ -182,8 +181,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` reordered into oneDNN's blocked layout for `linear(..., packed=)` (a copy)."""
+    """`weight` reordered into oneDNN's blocked layout for `packed_linear` (a copy)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # 8: the batch size it tunes the layout for
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) by oneDNN's kernel, with `packed` = pack(weight)."""
+    rows = x.numel() // x.shape[-1]
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class Linear(nn.Linear):
@@ -268,8 +274,8 @@ class Transformer(nn.Module):
 
     def pack_weights(self):
         """Keep a oneDNN-blocked copy of every weight matrix (the output layer's too) and use it for
-        products of PACKED_ROWS rows: batched decode on CPU, ~1.4-2x faster matmuls for twice the
-        weight memory. Float32 on CPU only; call it after the weights are loaded (or sharded), since
+        products of PACKED_ROWS rows: faster batched decode on CPU (the linear table of BENCHMARKS.md)
+        for twice the weight memory. Float32 on CPU only; call it after the weights are loaded (or sharded), since
         the copy does not follow later changes to them."""
         weight = self.output_weight()
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():

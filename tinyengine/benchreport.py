@@ -514,13 +514,14 @@ def section_attention(d: dict) -> str:
                 f"Every weight matrix of the model at its shape ({some['layers']} layers and the output layer, "
                 f"{some['weight_mb']:.0f} MB, random float32) times a few rows: `F.linear` (x @ W^T) against the engine's "
                 "`models.llama.linear` (W @ x^T on CPU for up to 8 rows). Milliseconds per pass (median) and weight bytes "
-                "read per second. This is the measurement behind `linear`; its speed-up is from one run. Packed: the "
-                "weights in oneDNN's blocked layout (`Transformer.pack_weights`, opt-in: a second copy of the weights), "
-                "used for 3-64 rows; below that `linear` keeps the plain form. Speed-ups are against `F.linear`.", ""]
+                "read per second. This is the measurement behind `linear`; its speed-up is from one run. Packed: oneDNN's "
+                "kernel on the weights in its blocked layout (`models.llama.packed_linear`), which `linear` uses for 3-64 rows "
+                "once `Transformer.pack_weights` made that copy (opt-in: twice the weight memory). Speed-ups are against "
+                "`F.linear`.", ""]
         body = []
-        has_packed = any(form == "tinyengine, packed" for _, form in lin)
+        has_packed = any(form == "packed" for _, form in lin)
         for n in dict.fromkeys(r for r, _ in lin):
-            a, b, c = lin.get((n, "F.linear")), lin.get((n, "tinyengine")), lin.get((n, "tinyengine, packed"))
+            a, b, c = lin.get((n, "F.linear")), lin.get((n, "tinyengine")), lin.get((n, "packed"))
             if a and b:
                 cells = [f"{c['ms']:.1f} ({c['gb_s']:.1f} GB/s)", f"{a['ms'] / c['ms']:.2f}x"] if c else (["–", "–"] if has_packed else [])
                 body.append([str(n), f"{a['ms']:.1f} ({a['gb_s']:.1f} GB/s)", f"{b['ms']:.1f} ({b['gb_s']:.1f} GB/s)",

@@ -620,11 +620,12 @@ def linear_rows(a, dev, row_counts: list[int], max_bytes: int = 2**30, reps: int
     """The weight products of one decode step: every matrix of the model at its shape (random
     weights; as many layers as fit in `max_bytes`), times a few rows, written F.linear (x @ W^T)
     and as the engine writes them (models/llama.py `linear`). Milliseconds per pass, median of
-    `reps`, and the weight bytes read per second. On CPU also with the weights packed into oneDNN's
-    layout (Transformer.pack_weights), a copy made before timing."""
+    `reps`, and the weight bytes read per second. On CPU also oneDNN's kernel on the weights packed
+    into its layout (`packed_linear`; the copies are made before timing), which `linear` uses for
+    PACKED_ROWS rows when the model's weights are packed (Transformer.pack_weights)."""
     import torch.nn.functional as F
 
-    from models.llama import PACKED_ROWS, linear, pack
+    from models.llama import linear, pack, packed_linear
 
     g = torch.Generator().manual_seed(0)
     h, i, qd, kvd = a.hidden_size, a.intermediate_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
@@ -638,14 +639,12 @@ def linear_rows(a, dev, row_counts: list[int], max_bytes: int = 2**30, reps: int
     forms = [("F.linear", F.linear), ("tinyengine", linear)]
     if dev.type == "cpu" and torch.backends.mkldnn.is_available():
         packed = {id(w): pack(w) for w in mats}
-        forms.append(("tinyengine, packed", lambda x, w: linear(x, w, packed=packed[id(w)])))
+        forms.append(("packed", lambda x, w: packed_linear(x, packed[id(w)])))
     out = []
     for r in row_counts:
         xs = {k: torch.randn(r, k, generator=g).to(dev) for k in {w.shape[1] for w in mats}}
         ref = F.linear(xs[h], mats[-1])  # a pass returns the output layer's product
         for form, fn in forms:
-            if form.endswith("packed") and not PACKED_ROWS[0] <= r <= PACKED_ROWS[1]:
-                continue  # linear() keeps the plain form there
             def one_pass():
                 for w in mats:
                     y = fn(xs[w.shape[1]], w)
