@@ -16,6 +16,11 @@ two moments:
            scores of all slots. After the step's last layer, the engine's `choose_victim` turns
            every layer's scores into the slot to free per kv head (one call over all layers),
            and that layer's next token is written there.
+           A policy that sets `scores_at_step_end` instead has `observe(layer, probs, pos,
+           written, ...)` called at each layer (for what needs that layer's cache) and
+           `score_step(slice(None), pos, written)` once after the last layer, over every layer's
+           stacked state (pos [L, B, Hkv, S]): an eager step on a CPU pays per op, so scoring that
+           batches over layers costs its op count once, not once per layer (momentkv).
 
 Decode code is branch-free tensor code: no .item(), no Python branch on data, so the decode
 step compiles once. Per-layer state lives in buffers allocated by `allocate` for the largest
@@ -75,7 +80,7 @@ class Policy(nn.Module):
         return keep
 
     # ---- state
-    def allocate(self, num_layers: int, batch: int, kv_heads: int, capacity: int, device):
+    def allocate(self, num_layers: int, batch: int, kv_heads: int, capacity: int, device, query_heads: int | None = None):
         """Allocate per-layer decode state for a cache of `capacity` slots. Default: none."""
 
     def start(self, keep: torch.Tensor, pool_budget: torch.Tensor):
@@ -85,8 +90,9 @@ class Policy(nn.Module):
         """After each prefill selection: the cache now holds candidates `idx` [B, Hkv, n] (of the
         last `prefill_scores` call), where `keep`. For state that follows the kept entries."""
 
-    def on_prefill(self, layer: int, kept_scores: torch.Tensor, kept: int):
-        """After prefill kept `kept` entries in slots [0, kept) with prefill scores `kept_scores`."""
+    def on_prefill(self, layer: int, kept_scores: torch.Tensor, kept: int, cache=None):
+        """After prefill kept `kept` entries in slots [0, kept) with prefill scores `kept_scores`;
+        `cache` is the layer's KVCache as prefill left it."""
 
     # ---- scoring
     def prefill_scores(self, layer, keys, values, pos, window_probs) -> torch.Tensor:

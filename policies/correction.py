@@ -42,15 +42,17 @@ that remains is exact and per token (used by MI):
 
     o_true - o = sum_E r_i (v_i - o) / Z,   r_i = exp(tau q.mu_k) (e^{x_i} - 1 - x_i) >= 0.
 
-Two ways to get lse_K, one formula (`nc_merge`):
-  - flex (CUDA): FlexAttention over the cache returns (o_K, lse) with return_lse=True; merge.
-  - reference (CPU, and any backend when the policy needs the probabilities): the reference
-    softmax gives o_K and the probabilities p, and lse_K = m - log p_max from the largest
-    scaled score m and the largest probability (p_max >= 1/S, so the log is accurate). The scores are returned as well: MomentKV's MI at
-    decode reads them instead of taking a second pass over the keys.
+Two ways to compute it, one number:
+  - flex (CUDA, when no probabilities are needed): FlexAttention over the cache returns (o_K,
+    lse_K) with return_lse=True, and `nc_merge` applies the formula above.
+  - reference (CPU, and any backend when the policy needs the probabilities): the virtual slot's
+    score tau q.mu_k + log n is appended to the slots' scores and one softmax covers both, so
+    w_E is the virtual slot's probability and the retained slots' probabilities come out already
+    scaled by 1 - w_E; the value mu_v rides along as that slot's value and the first-order term
+    w_E tau C q is one fused multiply-add. A few ops on top of plain attention, which is what a
+    CPU decode step pays for (its cost is per op). The scores and probabilities are returned:
+    MomentKV's MI at decode reads them instead of taking a second pass over the keys.
 Compiled flex on CPU cannot return the LSE, so the CPU path is always the reference one.
-Equivalently one could append the virtual slot to the cache and pass log n through
-score_mod; the merge is the same number without reserving a slot.
 
 Where NC applies: every decode step once anything was evicted (after a compressed prefill, or
 once a decode pool overflows), and at prefill in every chunk after the first (chunked prefill
@@ -131,27 +133,35 @@ def nc_merge(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, moments: Mom
 
 
 def nc_attention(q, k, v, q_pos, kv_pos, moments: Moments, backend: str = "reference", need_probs: bool = True):
-    """Attention over cache slots plus the NC correction: (out, probs or None, w_E, logits or None).
+    """Attention over cache slots plus the NC correction: (out, probs or None, w_E, scores or None).
 
     probs [B, Hq, T, S] are the retained slots' probabilities under the corrected softmax (they
-    sum to 1 - w_E); logits [B, Hkv, G * T, S] the scaled scores they came from
-    (tinyengine.attention.attention_logits), which MomentKV's decode-time MI reuses. backend
-    "flex" on CUDA without need_probs takes the LSE from FlexAttention; everything else uses the
-    reference softmax, and lse_K from its largest score and probability.
+    sum to 1 - w_E). scores = (logits, probs_ext), both [B, Hkv, G * T, S + 1]: the scaled scores
+    over the slots (tinyengine.attention.attention_logits, -inf on empty slots) with the virtual
+    slot's score tau q.mu_k + log n appended last, and their softmax; MomentKV's decode-time MI
+    reads them. backend "flex" on CUDA without need_probs takes the LSE from FlexAttention;
+    everything else uses the reference softmax over the slots and the virtual slot together.
     """
     B, Hq, T, D = q.shape
     if backend == "flex" and q.is_cuda and not need_probs:
         out, lse = flex_with_lse(q, k, v, q_pos, kv_pos)
         out, w = nc_merge(q, out, lse, moments)
         return out, None, w, None
-    logits = attention_logits(q, k, q_pos, kv_pos)
+    n, mu_k, mu_v, C = moments
+    Hkv, S = k.shape[1], k.shape[2]
+    tau = 1.0 / math.sqrt(D)
+    logits = attention_logits(q, k, q_pos, kv_pos)  # [B, Hkv, GT, S]
+    GT = logits.shape[2]
+    qg = q.float().reshape(B * Hkv, GT, D)
+    # The virtual slot (module docstring): key mu_k, score bias log n (-inf with nothing evicted, so
+    # its probability is exactly 0 and, being last, it leaves the softmax of the slots bit for bit).
+    virtual = torch.baddbmm(n.log().view(B * Hkv, 1, 1), qg, mu_k.view(B * Hkv, D, 1), alpha=tau)
+    logits = torch.cat([logits, virtual.view(B, Hkv, GT, 1)], dim=-1)
     probs = torch.softmax(logits, dim=-1)
-    out = (probs.to(v.dtype) @ v).view(B, Hq, T, D)
-    # lse_K from the softmax it normalized: at the largest score m, p_max = e^{m - lse_K}
-    # (p_max >= 1/S, so the log is accurate; four small ops where logsumexp takes a dozen)
-    lse_k = logits.amax(-1) - probs.amax(-1).log()
-    out, w = nc_merge(q, out, lse_k.view(B, Hq, T), moments)
-    return out, (probs.view(B, Hq, T, -1) * (1 - w).unsqueeze(-1)), w, logits
+    out = (probs[..., :S].to(v.dtype) @ v).float()
+    predicted = torch.baddbmm(mu_v.view(B * Hkv, 1, D), qg, C.view(B * Hkv, D, D).transpose(-1, -2), alpha=tau)  # mu_v + tau C q
+    out = out.addcmul_(probs[..., S:], predicted.view(B, Hkv, GT, D)).to(v.dtype)
+    return out.view(B, Hq, T, D), probs[..., :S].view(B, Hq, T, S), probs[..., S].view(B, Hq, T), (logits, probs)
 
 
 def flex_with_lse(q, k, v, q_pos, kv_pos):
@@ -257,12 +267,12 @@ class Correction(nn.Module):
 
     def attention(self, layer: int, q, k, v, q_pos, kv_pos, backend: str = "reference", need_probs: bool = True):
         """(out, probs, scores) over the slots, corrected when apply_nc; probs [B, Hq, T, S] or None;
-        scores: (logits, w_E) of nc_attention for MomentKV's decode-time MI, or None."""
+        scores: nc_attention's (logits, probs_ext) for MomentKV's decode-time MI, or None."""
         if not self.apply_nc:
             if need_probs or backend == "reference":
                 return *reference_attention(q, k, v, q_pos, kv_pos), None
             from tinyengine.attention import attention
 
             return attention(q, k, v, q_pos, kv_pos, backend=backend), None, None
-        out, probs, w, logits = nc_attention(q, k, v, q_pos, kv_pos, self.moments(layer), backend, need_probs)
-        return out, probs, (None if logits is None else (logits, w))
+        out, probs, _, scores = nc_attention(q, k, v, q_pos, kv_pos, self.moments(layer), backend, need_probs)
+        return out, probs, scores

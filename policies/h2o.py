@@ -61,7 +61,7 @@ class H2O(Policy):
         return (budget.double() * self.recent_ratio).floor().long()
 
     # ---- state
-    def allocate(self, num_layers, batch, kv_heads, capacity, device):
+    def allocate(self, num_layers, batch, kv_heads, capacity, device, query_heads=None):
         self.register_buffer("scores", torch.zeros(num_layers, batch, kv_heads, capacity, device=device), persistent=False)
         self.register_buffer("recent", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
         self._prefill = [None] * num_layers
@@ -75,7 +75,7 @@ class H2O(Policy):
     def on_select(self, layer, idx, keep):
         self._prefill[layer] = self._candidates[layer].gather(-1, idx) * keep
 
-    def on_prefill(self, layer, kept_scores, kept):
+    def on_prefill(self, layer, kept_scores, kept, cache=None):
         self.scores[layer].zero_()
         if self._prefill[layer] is not None:
             n = self._prefill[layer].shape[-1]

@@ -176,39 +176,49 @@ def mi_cost(q, allowed, keys, values, current: Moments, reference: Moments, kind
     return cost.view(B, Hq, T, N)
 
 
-def mi_cost_decode(q, probs, logits, w, out, values, pos, current: Moments) -> torch.Tensor:
-    """mi_cost for one decode query per row (kind "nc", measured against the current summary),
-    from the numbers NC attention already has: [B, Hq, S].
+def mi_cost_decode(probs, w, logits, virtual, d2, n, valid) -> torch.Tensor:
+    """mi_cost for one decode query per head (kind "nc", measured against the current summary),
+    from the numbers NC attention already has, for one layer or every layer at once: [..., G, S].
 
-    q [B, Hq, 1, D]; probs [B, Hq, S] = e^{logits - lse}, the retained slots' probabilities
-    under the corrected softmax; logits [B, Hkv, G, S], their scaled scores (-inf on empty
-    slots); w [B, Hq, 1] = w_E; out [B, Hq, 1, D], the corrected output; values [B, Hkv, S, D].
+    Leading dims `...` are [B, Hkv] or [L, B, Hkv]; G query heads per kv head, S slots.
+    probs [..., G, S]: the retained slots' probabilities under the corrected softmax; w [..., G]:
+    the virtual slot's, w_E; logits [..., G, S]: the slots' scaled scores (-inf on empty slots);
+    virtual [..., G]: the virtual slot's, tau q.mu_k + log n (correction.nc_attention);
+    d2 [..., G, S]: ||v_i - o||^2 expanded as ||v_i||^2 - 2 o.v_i + ||o||^2 (one batched matmul
+    over the values, `value_distances`); n [...]: the evicted count; valid [..., S]: pos >= 0.
     Same quantity as `mi_cost` (compared on random inputs in tests/test_momentkv.py), without
-    its second pass over the keys or its softmax, in a third of its ops (the decode step on a
-    CPU pays per op):
+    its second pass over the keys or its softmax, in elementwise ops that batch over layers:
       - pbar = e^{lbar} / Z = w_E / n, since w_E = n e^{lbar} / Z;
+      - x_i = l_i - lbar with lbar = virtual - log n;
       - pbar phi(x_i) = p_i - pbar (1 + x_i), since p_i = pbar e^{x_i} (as `mi_cost`; exact,
         and near x = 0 the two terms cancel to ~1e-7 pbar, far below any score difference);
-      - ||v_i - o||^2 = ||v_i||^2 - 2 o.v_i + ||o||^2, one batched matmul over the values. Like
-        `mi_cost`'s, this expansion rounds to ~sqrt(D u) (|v_i| + |o|) in float32 where v_i ~ o
-        (a token holding nearly all the attention, whose cost is then near zero anyway); both are
-        tested against the float64 definition to that floor.
+      - the d2 expansion rounds to ~sqrt(D u) (|v_i| + |o|) in float32 where v_i ~ o (a token
+        holding nearly all the attention, whose cost is then near zero anyway); both this and
+        `mi_cost` are tested against the float64 definition to that floor.
     """
-    B, Hkv, G, S = logits.shape
-    D = q.shape[-1]
-    n, mu_k = current[0], current[1]
-    qg = q.float().reshape(B, Hkv, G, D)
-    lbar = (qg @ mu_k.unsqueeze(-1)) * (1.0 / math.sqrt(D))  # [B, Hkv, G, 1]
-    pbar = w.float().view(B, Hkv, G, 1) / n.clamp(min=1.0)[..., None, None]
-    weight = probs.float().view(B, Hkv, G, S) - pbar * (1 + (logits - lbar))  # -inf/NaN on empty slots, masked below
-    o = out.float().reshape(B * Hkv, G, D)
-    v = values.float().reshape(B * Hkv, S, D)
-    d2 = torch.baddbmm((o * o).sum(-1, keepdim=True) + (v * v).sum(-1).unsqueeze(1), o, v.transpose(-1, -2), alpha=-2)
-    valid = (pos >= 0).unsqueeze(2)
-    d2 = d2.view(B, Hkv, G, S).clamp(min=0) * valid
+    n = n[..., None, None]
+    pbar = w.unsqueeze(-1) / n
+    lbar = virtual.unsqueeze(-1) - n.log()  # -inf - -inf = NaN where nothing is evicted: dropped below
+    # pbar (1 + x_i) = pbar l_i + pbar (1 - lbar): the [..., G, 1] terms first, two passes over [..., G, S]
+    weight = torch.addcmul(probs - pbar * (1 - lbar), pbar, logits, value=-1)  # NaN on empty slots too: dropped below
+    valid = valid.unsqueeze(-2)
+    d2 = torch.where(valid, d2.clamp(min=0), 0.0)
     rms2 = d2.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
-    cost = torch.where(valid, weight.clamp(min=0) * (d2 / rms2.clamp(min=1e-20)).sqrt(), 0.0)
-    return (cost * (n > 0)[..., None, None]).view(B, Hkv * G, S)
+    return torch.where(valid & (n > 0), weight.clamp_(min=0) * (d2 / rms2.clamp(min=1e-20)).sqrt_(), 0.0)
+
+
+def value_distances(out, values, value_norm2=None, into=None) -> torch.Tensor:
+    """||v_i - o||^2 = ||v_i||^2 - 2 o.v_i + ||o||^2 for each decode query's output o and each slot,
+    one batched matmul over the values: out [B, Hq, 1, D], values [B, Hkv, S, D] -> [B, Hkv, G, S].
+    value_norm2 [B, Hkv, S]: the ||v_i||^2 if the caller keeps them (else computed); into: where to write."""
+    B, Hkv, S, D = values.shape
+    o = out.float().reshape(B * Hkv, -1, D)
+    v = values.float().reshape(B * Hkv, S, D)
+    if value_norm2 is None:
+        value_norm2 = torch.linalg.vecdot(v, v)
+    norms = torch.linalg.vecdot(o, o).unsqueeze(-1) + value_norm2.reshape(B * Hkv, 1, S)
+    into = None if into is None else into.view(B * Hkv, -1, S)
+    return torch.baddbmm(norms, o, v.transpose(-1, -2), alpha=-2, out=into).view(B, Hkv, -1, S)
 
 
 def mi_cost_sum(q, allowed, keys, values, current: Moments, reference: Moments, kind: str = "nc") -> torch.Tensor:
@@ -291,13 +301,28 @@ class MomentKV(Policy):
         if len(self._cand) > layer and self._cand[layer] is not None:
             self._raw[layer] = self._cand[layer].gather(-1, idx)
 
-    def allocate(self, num_layers, batch, kv_heads, capacity, device):
+    def allocate(self, num_layers, batch, kv_heads, capacity, device, query_heads=None):
         self.register_buffer("scores", torch.zeros(num_layers, batch, kv_heads, capacity, device=device), persistent=False)
         self.register_buffer("pool_recent", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("age", torch.zeros(num_layers, batch, kv_heads, capacity if self.debias else 0, device=device),
                              persistent=False)
+        # What each layer's attention left for the step's scoring (observe -> score_step): the received
+        # attention, or for NC's MI its scores, probabilities (the virtual slot's last) and distances.
+        G = (query_heads or kv_heads) // kv_heads
+        f32 = dict(device=device, dtype=torch.float32)
+        self.register_buffer("step_attn", torch.zeros(num_layers, batch, kv_heads, capacity, **f32), persistent=False)
+        mi = self.mi == "nc"  # (with NC attached; MI alone computes its cost per layer, into step_attn)
+        ext = (num_layers, batch, kv_heads, G, capacity + 1) if mi else (0,)
+        self.register_buffer("step_logits", torch.zeros(ext, **f32), persistent=False)
+        self.register_buffer("step_probs", torch.zeros(ext, **f32), persistent=False)
+        self.register_buffer("step_d2", torch.zeros(ext[:-1] + (capacity,) if mi else (0,), **f32), persistent=False)
+        # ||v_i||^2 of every slot, kept as tokens are written: value_distances' one pass over V instead of two
+        self.register_buffer("value_norm2", torch.zeros(ext[:-2] + (capacity,) if mi else (0,), **f32), persistent=False)
 
-    def on_prefill(self, layer, kept_scores, kept):
+    def on_prefill(self, layer, kept_scores, kept, cache=None):
+        if self.mi == "nc" and cache is not None:
+            v = cache.v.float()
+            self.value_norm2[layer, ..., : v.shape[2]].copy_(torch.linalg.vecdot(v, v))
         s = self.scores[layer]
         s.zero_()
         self.age[layer].fill_(STATIONARY)  # prompt tokens start with a mean attention, not an EMA from 0
@@ -335,24 +360,59 @@ class MomentKV(Policy):
         return torch.where(base >= PROTECT, base, base + self.mi_weight * cost)
 
     def decode_scores(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None):
-        Hkv = pos.shape[1]
+        self.observe(layer, probs, pos, written, query, out, cache, moments, attn_scores)
+        return self.score_step(layer, pos, written, moments)
+
+    # The engine calls observe at every layer and score_step once for all layers (layer = slice(None)):
+    # an eager CPU step pays per op, and the scoring is ~30 elementwise ops that batch over layers.
+    scores_at_step_end = True
+
+    def _mi_from_nc(self, moments) -> bool:  # MI read from NC attention's own scores: the fast path
+        return self.mi == "nc" and moments is not None and moments.apply_nc
+
+    def observe(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None):
+        """Keep what this layer's attention gives the step's scoring (per-layer work: what needs the cache)."""
+        B, Hkv, S = pos.shape
+        if self._mi_from_nc(moments):
+            logits, probs_ext = attn_scores  # [B, Hkv, G, S + 1], the virtual slot last
+            G = logits.shape[2]
+            for stash, t in ((self.step_logits, logits), (self.step_probs, probs_ext)):
+                if S + 1 == stash.shape[-1]:
+                    stash[layer].copy_(t)
+                else:  # a smaller layer (per-layer budgets): the virtual slot stays in the last column
+                    stash[layer, ..., :S].copy_(t[..., :S])
+                    stash[layer, ..., -1].copy_(t[..., S])
+            norm2 = self.value_norm2[layer, ..., :S]
+            new = cache.v.gather(2, written[..., None, None].expand(-1, -1, 1, cache.v.shape[-1])).float()
+            norm2.scatter_(-1, written.unsqueeze(-1), torch.linalg.vecdot(new, new))
+            value_distances(out, cache.v, norm2, into=self.step_d2[layer, ..., :S])
+            return
         a = received_attention(probs, Hkv, self.per_kv_head)
-        if self.mi != "none" and moments is not None:
-            current = moments.moments(layer)
-            if self.mi == "nc" and attn_scores is not None:  # NC attention's own scores: the fast path
-                cost = mi_cost_decode(query, probs, *attn_scores, out, cache.v, pos, current)
-            else:
-                allowed = (pos >= 0).unsqueeze(2)  # at decode every cached token precedes the query
-                out = out if moments.apply_nc else None  # MI alone: the output NC would give, computed
-                cost = mi_cost(query, allowed, cache.k, cache.v, current, current, self.mi, out)[:, :, 0]
-            B, Hq, S = cost.shape
-            if self.per_kv_head:
-                cost = cost.view(B, Hkv, Hq // Hkv, S).mean(2)
-            else:
-                cost = head_mean(cost, dim=1).unsqueeze(1).expand(B, Hkv, S)
-            a = a + self.mi_weight * cost
-        s = self.scores[layer][..., : pos.shape[-1]]  # a layer's cache may be smaller (per-layer budgets)
-        age = self.age[layer][..., : pos.shape[-1]] if self.debias else None
+        if self.mi != "none" and moments is not None:  # MI alone (plain attention) or kind "value": per layer
+            allowed = (pos >= 0).unsqueeze(2)  # at decode every cached token precedes the query
+            out = out if moments.apply_nc else None  # MI alone: the output NC would give, computed
+            cost = mi_cost(query, allowed, cache.k, cache.v, moments.moments(layer), moments.moments(layer), self.mi, out)[:, :, 0]
+            a = a + self.mi_weight * self._head_mean(cost.view(B, Hkv, -1, S))
+        self.step_attn[layer, ..., :S].copy_(a)
+
+    def _head_mean(self, x):  # [..., Hkv, G, S] -> [..., Hkv, S]: over each kv head's group, or over all heads
+        if self.per_kv_head:
+            return x.mean(-2)
+        return head_mean(x.flatten(-3, -2), dim=-2).unsqueeze(-2).expand(*x.shape[:-2], x.shape[-1])
+
+    def score_step(self, layer, pos, written, moments=None):
+        """Scores from what observe kept, for one layer (pos [B, Hkv, S], written [B, Hkv]) or for
+        every layer at once (layer = slice(None), pos [L, B, Hkv, S], written [L, B, Hkv])."""
+        S = pos.shape[-1]
+        if self._mi_from_nc(moments):
+            logits, probs = self.step_logits[layer], self.step_probs[layer]
+            cost = mi_cost_decode(probs[..., :S], probs[..., -1], logits[..., :S], logits[..., -1],
+                                  self.step_d2[layer][..., :S], moments.n[layer], pos >= 0)
+            a = self._head_mean(probs[..., :S]) + self.mi_weight * self._head_mean(cost)
+        else:
+            a = self.step_attn[layer][..., :S]
+        s = self.scores[layer][..., :S]  # a layer's cache may be smaller (per-layer budgets)
+        age = self.age[layer][..., :S] if self.debias else None
         scores = momentum_update(s, a, written, self.beta, True, age)
         if self.recent >= 0:
             scores = scores.masked_fill(recent_mask(pos, self.pool_recent), PROTECT)

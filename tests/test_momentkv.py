@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from policies import make_plan
 from policies.correction import Correction, batch_moments, flex_with_lse, moment_floats, nc_attention, nc_merge
-from policies.momentkv import ABLATION, mi_cost, mi_cost_decode
+from policies.momentkv import ABLATION, mi_cost, mi_cost_decode, value_distances
 from tinyengine.attention import reference_attention
 from tinyengine.engine import Engine
 from tinyengine.errors import TinyEngineError
@@ -298,9 +298,12 @@ def test_mi_cost_decode_equals_mi_cost(seed, scale, evicted_share, holes):
         pos = pos.masked_fill(torch.rand(B, Hkv, S, generator=g) < 0.2, -1)
         pos[..., -1] = S - 1
     m = batch_moments(k, v, evicted)
-    out, probs, w, logits = nc_attention(q, k, v, torch.full((B, 1), S), pos, m)
+    out, probs, w, (logits, probs_ext) = nc_attention(q, k, v, torch.full((B, 1), S), pos, m)
     reference = mi_cost(q, (pos >= 0).unsqueeze(2), k, v, m, m, "nc", out)[:, :, 0].double()
-    got = mi_cost_decode(q, probs[:, :, 0], logits, w, out, v, pos, m).double()
+    G = Hq // Hkv
+    assert torch.equal(probs_ext[..., :S], probs.view(B, Hkv, G, S)) and torch.equal(probs_ext[..., S], w.view(B, Hkv, G))
+    got = mi_cost_decode(probs_ext[..., :S], probs_ext[..., S], logits[..., :S], logits[..., S], value_distances(out, v),
+                         m[0], pos >= 0).view(B, Hq, S).double()
     assert torch.isfinite(got).all() and (got >= 0).all() and not got[(pos < 0).repeat_interleave(Hq // Hkv, 1)].any()
     # Both expand ||v_i - o||^2 in float32, so both are held to that expansion's rounding floor
     # against the exact float64 definition (mi_loop's docstring), not to each other's last bits.
@@ -461,6 +464,31 @@ def test_counting_moments_in_the_budget(model):
     assert e.state_bytes() - policy_bytes == a.num_layers * a.num_kv_heads * moment_floats(a.head_dim) * 4
     with pytest.raises(TinyEngineError, match="moments take"):
         Engine(model, make_plan("momentkv", budget=24, options={**SNAP, "count_moments_in_budget": "1"}))  # 15 < window + 1
+
+
+@pytest.mark.parametrize("spec,kw", [
+    ("momentkv", dict(budget=40, options=W)),
+    ("pyramidkv+momentkv", dict(budget=40, decode_budget=12)),  # per-layer caches of different sizes
+    ("momentkv", dict(budget=40, options={**W, "per_kv_head": "0", "mi": "value"})),  # MI per layer, all heads
+])
+def test_scoring_every_layer_at_step_end_equals_layer_by_layer(model, spec, kw):
+    """The engine's batched scoring (observe at each layer, score_step once over the stacked
+    layers) is the per-layer decode_scores bit for bit: same tokens, scores and moments. And the
+    squared value norms MomentKV keeps as tokens are written are those of the cache."""
+    prompts = prompts_of([70, 45], seed=5)
+    runs = []
+    for batched in (True, False):
+        e = Engine(model, make_plan(spec, **kw))
+        e.plan.decode.scores_at_step_end = batched
+        runs.append((e.generate(prompts, 30), e))
+    (got, a), (want, b) = runs
+    assert got == want
+    assert torch.equal(a.plan.decode.scores, b.plan.decode.scores) and torch.equal(a.plan.correction.C, b.plan.correction.C)
+    if a.plan.decode.mi == "nc":
+        for i, cache in enumerate(a.caches):
+            valid = cache.pos >= 0
+            norm2 = a.plan.decode.value_norm2[i, ..., : cache.capacity]
+            torch.testing.assert_close(norm2[valid], torch.linalg.vecdot(cache.v, cache.v)[valid])
 
 
 def test_compiled_momentkv_equals_eager_without_recompiles():

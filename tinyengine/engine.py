@@ -121,7 +121,7 @@ class Engine:
         self.prompt_len = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.pool_budget = torch.zeros(batch, dtype=torch.long, device=self.device)
         for p in self.plan.policies():
-            p.allocate(a.num_layers, batch, a.num_kv_heads, capacity, self.device)
+            p.allocate(a.num_layers, batch, a.num_kv_heads, capacity, self.device, query_heads=a.num_heads)
         if self.plan.correction is not None:
             self.plan.correction.allocate(a.num_layers, batch, a.num_kv_heads, a.head_dim, self.device)
         self.batch, self.capacity = batch, capacity
@@ -178,7 +178,7 @@ class Engine:
             self._stored = self._after_chunk(c1)
         for i, cache in enumerate(self.caches):
             for p in self.plan.policies():
-                p.on_prefill(i, self._kept_scores[i], self._stored[i])
+                p.on_prefill(i, self._kept_scores[i], self._stored[i], cache=cache)
             self.next_slot[i] = first_free_slot(cache.pos)
         self.shared_slots = [self._shared_slots(cache) for cache in self.caches]
         return logits
@@ -286,6 +286,8 @@ class Engine:
         if plan.decode is None:  # nothing is evicted; the cache grows into its empty slots
             self.next_slot.copy_(first_free_slot(self.pos))
             return
+        if getattr(plan.decode, "scores_at_step_end", False):  # every layer scored at once (policies/base.py)
+            self.step_scores.copy_(plan.decode.score_step(slice(None), self.pos, self.next_slot, plan.correction))
         in_pool = self.pos >= (0 if plan.unified else self.prompt_len[:, None, None])
         victim = choose_victim(self.step_scores, self.pos, in_pool, self.pool_budget)  # [L, B, Hkv]
         if plan.correction is not None:  # the victims join the evicted set's moments (an empty slot adds nothing)
@@ -310,8 +312,11 @@ class Engine:
             if policy is not None:  # its scores wait for the end of the step (_free_slots)
                 probs = None if probs is None else probs[:, :, 0]
                 extra = dict(query=q, out=out, cache=cache, moments=nc, attn_scores=scores) if getattr(policy, "needs_query", False) else {}
-                keep = policy.decode_scores(layer, probs, cache.pos, slot, **extra)
-                self.step_scores[layer, :, :, : keep.shape[-1]].copy_(keep)
+                if getattr(policy, "scores_at_step_end", False):
+                    policy.observe(layer, probs, cache.pos, slot, **extra)
+                else:
+                    keep = policy.decode_scores(layer, probs, cache.pos, slot, **extra)
+                    self.step_scores[layer, :, :, : keep.shape[-1]].copy_(keep)
             return out
 
         return attend
