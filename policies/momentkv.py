@@ -90,6 +90,18 @@ policies/correction.py implement.
    1024-token context (seed 0, default window 512): ratio 0.75 momentkv 0.058, h2o 0.091;
    0.875 momentkv 0.219, h2o 0.180 (behind H2O there; window 1024 not measured).
 
+8. Decode step. An eager decode step on a CPU pays per op more than per byte, so the work is
+   split by what it needs. At each layer (`observe`), only what reads that layer's cache: NC's
+   virtual slot (correction.nc_attention: a few ops on top of plain attention) and, for MI,
+   ||v_i - o||^2 (`value_distances`: one matmul over the values, with ||v_i||^2 kept as tokens
+   are written), stashed with the step's scores and probabilities. After the last layer
+   (`score_step`, the engine's `scores_at_step_end`), MI's cost, the momentum update and the
+   recent window run once over every layer's stacked stash: the same ops, counted once instead of
+   once per layer. `decode_scores` is the two for one layer (equal bit for bit, tested). The
+   stash costs 3 G (S + 1) floats per kv head per layer (G query heads per kv head), working
+   memory of the step, like the attention scores it holds. Cost against full: BENCHMARKS.md,
+   decode speed against context length.
+
 Ablation (the paper's: NC is worth more than MI, and the two are super-additive), all with the
 same base scorer: options {"mi": "none", "nc": False} evict-only, {"mi": "none"} NC alone,
 {"nc": False} MI alone, {} MI + NC (see ABLATION). `--correction nc` attaches NC to any other
@@ -198,13 +210,15 @@ def mi_cost_decode(probs, w, logits, virtual, d2, n, valid) -> torch.Tensor:
     """
     n = n[..., None, None]
     pbar = w.unsqueeze(-1) / n
-    lbar = virtual.unsqueeze(-1) - n.log()  # -inf - -inf = NaN where nothing is evicted: dropped below
+    lbar = virtual.unsqueeze(-1) - n.log()  # -inf - -inf = NaN where nothing is evicted: cleared below
     # pbar (1 + x_i) = pbar l_i + pbar (1 - lbar): the [..., G, 1] terms first, two passes over [..., G, S]
-    weight = torch.addcmul(probs - pbar * (1 - lbar), pbar, logits, value=-1)  # NaN on empty slots too: dropped below
-    valid = valid.unsqueeze(-2)
-    d2 = torch.where(valid, d2.clamp(min=0), 0.0)
-    rms2 = d2.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
-    return torch.where(valid & (n > 0), weight.clamp_(min=0) * (d2 / rms2.clamp(min=1e-20)).sqrt_(), 0.0)
+    weight = torch.addcmul(probs - pbar * (1 - lbar), pbar, logits, value=-1)  # inf/NaN on empty slots: cleared below
+    # Every op here is a pass over [..., G, S] (all layers' at once): few, in place, no broadcast masks
+    # until the last. The empty slots' d2 is finite (stale values), and the mean over the valid ones a dot product.
+    seen = valid.unsqueeze(-2).float()  # [..., 1, S]
+    rms2 = (torch.linalg.vecdot(d2, seen) / seen.sum(-1).clamp(min=1)).unsqueeze(-1)  # [..., G, 1]
+    cost = weight.clamp_(min=0).mul_((d2 / rms2.clamp(min=1e-20)).clamp_(min=0).sqrt_())
+    return cost.masked_fill_(~(valid.unsqueeze(-2) & (n > 0)), 0.0)
 
 
 def value_distances(out, values, value_norm2=None, into=None) -> torch.Tensor:
