@@ -389,7 +389,6 @@ class MomentKV(Policy):
         B, Hkv, S = pos.shape
         if self._mi_from_nc(moments):
             logits, probs_ext = attn_scores  # [B, Hkv, G, S + 1], the virtual slot last
-            G = logits.shape[2]
             for stash, t in ((self.step_logits, logits), (self.step_probs, probs_ext)):
                 if S + 1 == stash.shape[-1]:
                     stash[layer].copy_(t)
