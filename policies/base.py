@@ -80,7 +80,7 @@ class Policy(nn.Module):
         return keep
 
     # ---- state
-    def allocate(self, num_layers: int, batch: int, kv_heads: int, capacity: int, device, query_heads: int | None = None):
+    def allocate(self, num_layers: int, batch: int, kv_heads: int, capacity: int, device):
         """Allocate per-layer decode state for a cache of `capacity` slots. Default: none."""
 
     def start(self, keep: torch.Tensor, pool_budget: torch.Tensor):

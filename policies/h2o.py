@@ -61,7 +61,7 @@ class H2O(Policy):
         return (budget.double() * self.recent_ratio).floor().long()
 
     # ---- state
-    def allocate(self, num_layers, batch, kv_heads, capacity, device, query_heads=None):
+    def allocate(self, num_layers, batch, kv_heads, capacity, device):
         self.register_buffer("scores", torch.zeros(num_layers, batch, kv_heads, capacity, device=device), persistent=False)
         self.register_buffer("recent", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
         self._prefill = [None] * num_layers

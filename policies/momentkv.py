@@ -94,13 +94,12 @@ policies/correction.py implement.
    split by what it needs. At each layer (`observe`), only what reads that layer's cache: NC's
    virtual slot (correction.nc_attention: a few ops on top of plain attention) and, for MI,
    ||v_i - o||^2 (`value_distances`: one matmul over the values, with ||v_i||^2 kept as tokens
-   are written), stashed with the step's scores and probabilities. After the last layer
+   are written), kept with the step's scores and probabilities. After the last layer
    (`score_step`, the engine's `scores_at_step_end`), MI's cost, the momentum update and the
-   recent window run once over every layer's stacked stash: the same ops, counted once instead of
-   once per layer. `decode_scores` is the two for one layer (equal bit for bit, tested). The
-   stash costs 3 G (S + 1) floats per kv head per layer (G query heads per kv head), working
-   memory of the step, like the attention scores it holds. Cost against full: BENCHMARKS.md,
-   decode speed against context length.
+   recent window run once over every layer's, stacked: the same ops, counted once instead of
+   once per layer. `decode_scores` is the two for one layer (equal bit for bit, tested). What is
+   kept is 3 G (S + 1) floats per kv head per layer (G query heads per kv head), working memory
+   of the step. Cost against full: BENCHMARKS.md, decode speed against context length.
 
 Ablation (the paper's: NC is worth more than MI, and the two are super-additive), all with the
 same base scorer: options {"mi": "none", "nc": False} evict-only, {"mi": "none"} NC alone,
@@ -221,18 +220,17 @@ def mi_cost_decode(probs, w, logits, virtual, d2, n, valid) -> torch.Tensor:
     return cost.masked_fill_(~(valid.unsqueeze(-2) & (n > 0)), 0.0)
 
 
-def value_distances(out, values, value_norm2=None, into=None) -> torch.Tensor:
+def value_distances(out, values, value_norm2=None) -> torch.Tensor:
     """||v_i - o||^2 = ||v_i||^2 - 2 o.v_i + ||o||^2 for each decode query's output o and each slot,
     one batched matmul over the values: out [B, Hq, 1, D], values [B, Hkv, S, D] -> [B, Hkv, G, S].
-    value_norm2 [B, Hkv, S]: the ||v_i||^2 if the caller keeps them (else computed); into: where to write."""
+    value_norm2 [B, Hkv, S]: the ||v_i||^2 if the caller keeps them (else computed)."""
     B, Hkv, S, D = values.shape
     o = out.float().reshape(B * Hkv, -1, D)
     v = values.float().reshape(B * Hkv, S, D)
     if value_norm2 is None:
         value_norm2 = torch.linalg.vecdot(v, v)
     norms = torch.linalg.vecdot(o, o).unsqueeze(-1) + value_norm2.reshape(B * Hkv, 1, S)
-    into = None if into is None else into.view(B * Hkv, -1, S)
-    return torch.baddbmm(norms, o, v.transpose(-1, -2), alpha=-2, out=into).view(B, Hkv, -1, S)
+    return torch.baddbmm(norms, o, v.transpose(-1, -2), alpha=-2).view(B, Hkv, -1, S)
 
 
 def mi_cost_sum(q, allowed, keys, values, current: Moments, reference: Moments, kind: str = "nc") -> torch.Tensor:
@@ -315,23 +313,15 @@ class MomentKV(Policy):
         if len(self._cand) > layer and self._cand[layer] is not None:
             self._raw[layer] = self._cand[layer].gather(-1, idx)
 
-    def allocate(self, num_layers, batch, kv_heads, capacity, device, query_heads=None):
+    def allocate(self, num_layers, batch, kv_heads, capacity, device):
         self.register_buffer("scores", torch.zeros(num_layers, batch, kv_heads, capacity, device=device), persistent=False)
         self.register_buffer("pool_recent", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("age", torch.zeros(num_layers, batch, kv_heads, capacity if self.debias else 0, device=device),
                              persistent=False)
-        # What each layer's attention left for the step's scoring (observe -> score_step): the received
-        # attention, or for NC's MI its scores, probabilities (the virtual slot's last) and distances.
-        G = (query_heads or kv_heads) // kv_heads
-        f32 = dict(device=device, dtype=torch.float32)
-        self.register_buffer("step_attn", torch.zeros(num_layers, batch, kv_heads, capacity, **f32), persistent=False)
-        mi = self.mi == "nc"  # (with NC attached; MI alone computes its cost per layer, into step_attn)
-        ext = (num_layers, batch, kv_heads, G, capacity + 1) if mi else (0,)
-        self.register_buffer("step_logits", torch.zeros(ext, **f32), persistent=False)
-        self.register_buffer("step_probs", torch.zeros(ext, **f32), persistent=False)
-        self.register_buffer("step_d2", torch.zeros(ext[:-1] + (capacity,) if mi else (0,), **f32), persistent=False)
         # ||v_i||^2 of every slot, kept as tokens are written: value_distances' one pass over V instead of two
-        self.register_buffer("value_norm2", torch.zeros(ext[:-2] + (capacity,) if mi else (0,), **f32), persistent=False)
+        self.register_buffer("value_norm2", torch.zeros((num_layers, batch, kv_heads, capacity) if self.mi == "nc" else (0,),
+                                                        device=device), persistent=False)
+        self._kept = {}  # layer -> what `observe` kept of its attention this step (the step's tensors, not state)
 
     def on_prefill(self, layer, kept_scores, kept, cache=None):
         if self.mi == "nc" and cache is not None:
@@ -389,16 +379,10 @@ class MomentKV(Policy):
         B, Hkv, S = pos.shape
         if self._mi_from_nc(moments):
             logits, probs_ext = attn_scores  # [B, Hkv, G, S + 1], the virtual slot last
-            for stash, t in ((self.step_logits, logits), (self.step_probs, probs_ext)):
-                if S + 1 == stash.shape[-1]:
-                    stash[layer].copy_(t)
-                else:  # a smaller layer (per-layer budgets): the virtual slot stays in the last column
-                    stash[layer, ..., :S].copy_(t[..., :S])
-                    stash[layer, ..., -1].copy_(t[..., S])
             norm2 = self.value_norm2[layer, ..., :S]
             new = cache.v.gather(2, written[..., None, None].expand(-1, -1, 1, cache.v.shape[-1])).float()
             norm2.scatter_(-1, written.unsqueeze(-1), torch.linalg.vecdot(new, new))
-            value_distances(out, cache.v, norm2, into=self.step_d2[layer, ..., :S])
+            self._kept[layer] = (logits, probs_ext, value_distances(out, cache.v, norm2))
             return
         a = received_attention(probs, Hkv, self.per_kv_head)
         if self.mi != "none" and moments is not None:  # MI alone (plain attention) or kind "value": per layer
@@ -406,7 +390,23 @@ class MomentKV(Policy):
             out = out if moments.apply_nc else None  # MI alone: the output NC would give, computed
             cost = mi_cost(query, allowed, cache.k, cache.v, moments.moments(layer), moments.moments(layer), self.mi, out)[:, :, 0]
             a = a + self.mi_weight * self._head_mean(cost.view(B, Hkv, -1, S))
-        self.step_attn[layer, ..., :S].copy_(a)
+        self._kept[layer] = (a,)
+
+    def _taken(self, layer, S: int, virtual_last: bool):
+        """What observe kept for `layer`, or for every layer (slice) stacked, smaller layers' slots padded
+        to S (per-layer budgets: empty slots); with virtual_last, the virtual slot stays the last column."""
+        if not isinstance(layer, slice):
+            return self._kept.pop(layer)
+        layers = [self._kept.pop(i) for i in sorted(self._kept)]
+
+        def widen(t, last):
+            if t.shape[-1] == S + last:
+                return t
+            if not last:
+                return F.pad(t, (0, S - t.shape[-1]))
+            return torch.cat([t[..., :-1], t.new_zeros(t.shape[:-1] + (S + 1 - t.shape[-1],)), t[..., -1:]], dim=-1)
+
+        return tuple(torch.stack([widen(t, i < 2 and virtual_last) for t in ts]) for i, ts in enumerate(zip(*layers)))
 
     def _head_mean(self, x):  # [..., Hkv, G, S] -> [..., Hkv, S]: over each kv head's group, or over all heads
         if self.per_kv_head:
@@ -418,12 +418,11 @@ class MomentKV(Policy):
         every layer at once (layer = slice(None), pos [L, B, Hkv, S], written [L, B, Hkv])."""
         S = pos.shape[-1]
         if self._mi_from_nc(moments):
-            logits, probs = self.step_logits[layer], self.step_probs[layer]
-            cost = mi_cost_decode(probs[..., :S], probs[..., -1], logits[..., :S], logits[..., -1],
-                                  self.step_d2[layer][..., :S], moments.n[layer], pos >= 0)
+            logits, probs, d2 = self._taken(layer, S, virtual_last=True)
+            cost = mi_cost_decode(probs[..., :S], probs[..., S], logits[..., :S], logits[..., S], d2, moments.n[layer], pos >= 0)
             a = self._head_mean(probs[..., :S]) + self.mi_weight * self._head_mean(cost)
         else:
-            a = self.step_attn[layer][..., :S]
+            (a,) = self._taken(layer, S, virtual_last=False)
         s = self.scores[layer][..., :S]  # a layer's cache may be smaller (per-layer budgets)
         age = self.age[layer][..., :S] if self.debias else None
         scores = momentum_update(s, a, written, self.beta, True, age)

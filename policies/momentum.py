@@ -79,7 +79,7 @@ class Momentum(Policy):
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"momentum: beta must be in [0, 1) (got {self.beta})")
 
-    def allocate(self, num_layers, batch, kv_heads, capacity, device, query_heads=None):
+    def allocate(self, num_layers, batch, kv_heads, capacity, device):
         self.register_buffer("scores", torch.zeros(num_layers, batch, kv_heads, capacity, device=device), persistent=False)
         self.register_buffer("age", torch.zeros(num_layers, batch, kv_heads, capacity if self.debias else 0, device=device),
                              persistent=False)

@@ -121,7 +121,7 @@ class Engine:
         self.prompt_len = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.pool_budget = torch.zeros(batch, dtype=torch.long, device=self.device)
         for p in self.plan.policies():
-            p.allocate(a.num_layers, batch, a.num_kv_heads, capacity, self.device, query_heads=a.num_heads)
+            p.allocate(a.num_layers, batch, a.num_kv_heads, capacity, self.device)
         if self.plan.correction is not None:
             self.plan.correction.allocate(a.num_layers, batch, a.num_kv_heads, a.head_dim, self.device)
         self.batch, self.capacity = batch, capacity
