@@ -18,7 +18,7 @@ two moments:
            and that layer's next token is written there.
            A policy that sets `scores_at_step_end` instead has `observe(layer, probs, pos,
            written, ...)` called at each layer (for what needs that layer's cache) and
-           `score_step(slice(None), pos, written)` once after the last layer, over every layer's
+           `score_step(slice(None), pos, written, moments)` once after the last layer, over every layer's
            stacked state (pos [L, B, Hkv, S]): an eager step on a CPU pays per op, so scoring that
            batches over layers costs its op count once, not once per layer (momentkv).
 
@@ -55,6 +55,7 @@ class Policy(nn.Module):
     has_decode = True  # evicts generated tokens
     window = 0  # prefill observation window the scorer needs (queries); 0 = none
     needs_probs = False  # decode_scores reads the step's attention probabilities
+    scores_at_step_end = False  # observe at each layer, score_step once for all layers (module docstring)
     aliases: tuple[str, ...] = ()
     # One name that keeps the prompt's entries and the generated ones in separate pools (SCOPE):
     # make_plan builds it as a composed plan, prompt to --budget, generated within --decode-budget.

@@ -392,9 +392,10 @@ class MomentKV(Policy):
             a = a + self.mi_weight * self._head_mean(cost.view(B, Hkv, -1, S))
         self._kept[layer] = (a,)
 
-    def _taken(self, layer, S: int, virtual_last: bool):
+    def _taken(self, layer, S: int, virtual_last: tuple[bool, ...]):
         """What observe kept for `layer`, or for every layer (slice) stacked, smaller layers' slots padded
-        to S (per-layer budgets: empty slots); with virtual_last, the virtual slot stays the last column."""
+        to S (per-layer budgets: empty slots). virtual_last, one flag per kept tensor: it ends with the
+        virtual slot's column, which stays last."""
         if not isinstance(layer, slice):
             return self._kept.pop(layer)
         layers = [self._kept.pop(i) for i in sorted(self._kept)]
@@ -406,7 +407,7 @@ class MomentKV(Policy):
                 return F.pad(t, (0, S - t.shape[-1]))
             return torch.cat([t[..., :-1], t.new_zeros(t.shape[:-1] + (S + 1 - t.shape[-1],)), t[..., -1:]], dim=-1)
 
-        return tuple(torch.stack([widen(t, i < 2 and virtual_last) for t in ts]) for i, ts in enumerate(zip(*layers)))
+        return tuple(torch.stack([widen(t, last) for t in ts]) for last, ts in zip(virtual_last, zip(*layers)))
 
     def _head_mean(self, x):  # [..., Hkv, G, S] -> [..., Hkv, S]: over each kv head's group, or over all heads
         if self.per_kv_head:
@@ -418,11 +419,11 @@ class MomentKV(Policy):
         every layer at once (layer = slice(None), pos [L, B, Hkv, S], written [L, B, Hkv])."""
         S = pos.shape[-1]
         if self._mi_from_nc(moments):
-            logits, probs, d2 = self._taken(layer, S, virtual_last=True)
+            logits, probs, d2 = self._taken(layer, S, virtual_last=(True, True, False))
             cost = mi_cost_decode(probs[..., :S], probs[..., S], logits[..., :S], logits[..., S], d2, moments.n[layer], pos >= 0)
             a = self._head_mean(probs[..., :S]) + self.mi_weight * self._head_mean(cost)
         else:
-            (a,) = self._taken(layer, S, virtual_last=False)
+            (a,) = self._taken(layer, S, virtual_last=(False,))
         s = self.scores[layer][..., :S]  # a layer's cache may be smaller (per-layer budgets)
         age = self.age[layer][..., :S] if self.debias else None
         scores = momentum_update(s, a, written, self.beta, True, age)

@@ -286,10 +286,11 @@ class Engine:
         if plan.decode is None:  # nothing is evicted; the cache grows into its empty slots
             self.next_slot.copy_(first_free_slot(self.pos))
             return
-        if getattr(plan.decode, "scores_at_step_end", False):  # every layer scored at once (policies/base.py)
-            self.step_scores.copy_(plan.decode.score_step(slice(None), self.pos, self.next_slot, plan.correction))
+        scores = self.step_scores
+        if plan.decode.scores_at_step_end:  # every layer scored at once (policies/base.py)
+            scores = plan.decode.score_step(slice(None), self.pos, self.next_slot, plan.correction)
         in_pool = self.pos >= (0 if plan.unified else self.prompt_len[:, None, None])
-        victim = choose_victim(self.step_scores, self.pos, in_pool, self.pool_budget)  # [L, B, Hkv]
+        victim = choose_victim(scores, self.pos, in_pool, self.pool_budget)  # [L, B, Hkv]
         if plan.correction is not None:  # the victims join the evicted set's moments (an empty slot adds nothing)
             plan.correction.absorb_slots(victim, self.caches, self.pos)
         self.pos.scatter_(-1, victim.unsqueeze(-1), -1)
@@ -312,7 +313,7 @@ class Engine:
             if policy is not None:  # its scores wait for the end of the step (_free_slots)
                 probs = None if probs is None else probs[:, :, 0]
                 extra = dict(query=q, out=out, cache=cache, moments=nc, attn_scores=scores) if getattr(policy, "needs_query", False) else {}
-                if getattr(policy, "scores_at_step_end", False):
+                if policy.scores_at_step_end:
                     policy.observe(layer, probs, cache.pos, slot, **extra)
                 else:
                     keep = policy.decode_scores(layer, probs, cache.pos, slot, **extra)
