@@ -171,7 +171,7 @@ def _options(p: Policy) -> list[str]:
             found.setdefault(k, v)
     return [k for k, v in found.items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))
             and k not in ("name", "description", "has_prefill", "has_decode", "needs_probs", "needs_query", "aliases",
-                          "separate_pools", "default_decode_budget")]
+                          "separate_pools", "default_decode_budget", "scores_at_step_end")]
 
 
 # The registry comes last: policy modules import tinyengine, whose __init__ imports make_plan

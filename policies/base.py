@@ -16,11 +16,16 @@ two moments:
            scores of all slots. After the step's last layer, the engine's `choose_victim` turns
            every layer's scores into the slot to free per kv head (one call over all layers),
            and that layer's next token is written there.
-           A policy that sets `scores_at_step_end` instead has `observe(layer, probs, pos,
-           written, ...)` called at each layer (for what needs that layer's cache) and
-           `score_step(slice(None), pos, written, moments)` once after the last layer, over every layer's
-           stacked state (pos [L, B, Hkv, S]): an eager step on a CPU pays per op, so scoring that
-           batches over layers costs its op count once, not once per layer (momentkv).
+           A policy whose `decode_scores` also takes every layer at once sets
+           `scores_at_step_end`: then the engine calls `observe(layer, probs, pos, written, ...)`
+           at each layer (by default it keeps `probs`) and `score_step(slice(None), pos, written,
+           moments)` once after the last layer, which by default calls `decode_scores(slice(None),
+           probs [L, B, Hq, S], pos [L, B, Hkv, S], written [L, B, Hkv])` (a smaller layer's
+           slots padded with zeros: per-layer budgets). An eager step on a CPU pays per op, so
+           scoring that batches over layers costs its op count once, not once per layer
+           (BENCHMARKS.md, decode speed against context length). Written over leading dims
+           (`...`, the last axes), one scorer serves both calls; every built-in decode policy
+           does. momentkv overrides `observe` (it keeps what needs the layer's cache).
 
 Decode code is branch-free tensor code: no .item(), no Python branch on data, so the decode
 step compiles once. Per-layer state lives in buffers allocated by `allocate` for the largest
@@ -55,13 +60,17 @@ class Policy(nn.Module):
     has_decode = True  # evicts generated tokens
     window = 0  # prefill observation window the scorer needs (queries); 0 = none
     needs_probs = False  # decode_scores reads the step's attention probabilities
-    scores_at_step_end = False  # observe at each layer, score_step once for all layers (module docstring)
+    scores_at_step_end = False  # decode_scores also scores every layer at once (module docstring)
     aliases: tuple[str, ...] = ()
     # One name that keeps the prompt's entries and the generated ones in separate pools (SCOPE):
     # make_plan builds it as a composed plan, prompt to --budget, generated within --decode-budget.
     separate_pools = False
     default_decode_budget: int | None = None  # --decode-budget when a separate-pools policy gets none
     # Options a user may set with --policy-arg key=value are the other plain class attributes.
+
+    def __init__(self):
+        super().__init__()
+        self._kept = {}  # layer -> what `observe` kept this decode step (scores_at_step_end); not state
 
     def check_options(self):
         """Raise ValueError for option values the policy cannot run with (after --policy-arg)."""
@@ -102,6 +111,17 @@ class Policy(nn.Module):
     def decode_scores(self, layer, probs, pos, written) -> torch.Tensor:
         return torch.zeros(pos.shape, device=pos.device)
 
+    # ---- a decode step scored once for every layer (scores_at_step_end)
+    def observe(self, layer: int, probs, pos, written, **extra):
+        """At each layer: keep what score_step needs from this layer's attention (default: probs)."""
+        self._kept[layer] = probs
+
+    def score_step(self, layer, pos, written, moments=None) -> torch.Tensor:
+        """After the last layer: every layer's scores at once (layer = slice(None), pos [L, B, Hkv, S])."""
+        kept = [self._kept.pop(i) for i in sorted(self._kept)]
+        probs = None if kept[0] is None else stack_layers(kept, pos.shape[-1])
+        return self.decode_scores(layer, probs, pos, written)
+
 
 def choose_victim(scores: torch.Tensor, pos: torch.Tensor, in_pool: torch.Tensor, pool_budget: torch.Tensor) -> torch.Tensor:
     """The slot to free per (row, kv head): [..., B, Hkv, S] -> [..., B, Hkv] (leading dims: layers). pool_budget: [B].
@@ -140,14 +160,29 @@ def keep_top(scores: torch.Tensor, pos: torch.Tensor, budget: torch.Tensor) -> t
     return top.gather(-1, order), keep.gather(-1, order)
 
 
+def stack_layers(per_layer: list[torch.Tensor], slots: int, keep_last: int = 0) -> torch.Tensor:
+    """[..., S_l (+ keep_last)] per layer -> [L, ..., slots (+ keep_last)]: a smaller layer's slots
+    (per-layer budgets) padded with zeros, its last `keep_last` columns kept last (momentkv's
+    virtual slot)."""
+    def widen(t):
+        missing = slots + keep_last - t.shape[-1]
+        if missing == 0:
+            return t
+        if keep_last == 0:
+            return torch.nn.functional.pad(t, (0, missing))
+        zeros = t.new_zeros(t.shape[:-1] + (missing,))
+        return torch.cat([t[..., :-keep_last], zeros, t[..., -keep_last:]], dim=-1)
+
+    return torch.stack([widen(t) for t in per_layer])
+
+
 def group_sum(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Attention each slot receives from its kv head's query heads: [B, Hq, S] -> [B, Hkv, S]."""
-    B, Hq, S = probs.shape
-    return probs.float().view(B, kv_heads, Hq // kv_heads, S).sum(dim=2)
+    """Attention each slot receives from its kv head's query heads: [..., Hq, S] -> [..., Hkv, S]."""
+    return probs.float().unflatten(-2, (kv_heads, -1)).sum(dim=-2)
 
 
 def recent_mask(pos: torch.Tensor, n) -> torch.Tensor:
-    """Entries among the `n` newest positions of each (row, kv head): [B, Hkv, S]. n: int or [B].
+    """Entries among the `n` newest positions of each (row, kv head): [..., B, Hkv, S]. n: int or [B].
 
     Relative to the newest entry held, so it is the last n tokens of the text (a recent window
     is always kept, so all of them are there)."""

@@ -34,6 +34,7 @@ class H2O(Policy):
     description = "H2O: heavy hitters by accumulated attention + a recent window (unified)"
     aliases = ("heavy_hitter",)
     needs_probs = True
+    scores_at_step_end = True  # decode_scores is written for one layer or all at once
     recent_ratio = 0.5  # fraction of the budget given to the recent window
 
     def __init__(self):
@@ -93,5 +94,5 @@ class H2O(Policy):
     def decode_scores(self, layer, probs, pos, written):
         acc = self.scores[layer, :, :, : pos.shape[-1]]
         acc.scatter_(-1, written.unsqueeze(-1), 0.0)  # a new token starts from nothing
-        acc.add_(group_sum(probs, pos.shape[1]))
+        acc.add_(group_sum(probs, pos.shape[-2]))
         return acc.masked_fill(recent_mask(pos, self.recent), PROTECT)

@@ -114,7 +114,7 @@ import torch
 
 import torch.nn.functional as F
 
-from policies.base import PROTECT, Policy, keep_top, recent_mask
+from policies.base import PROTECT, Policy, keep_top, recent_mask, stack_layers
 from policies.correction import Moments, batch_moments, merge
 from policies.momentum import STATIONARY, momentum_update, received_attention
 from policies.snapkv import snapkv_scores
@@ -321,7 +321,6 @@ class MomentKV(Policy):
         # ||v_i||^2 of every slot, kept as tokens are written: value_distances' one pass over V instead of two
         self.register_buffer("value_norm2", torch.zeros((num_layers, batch, kv_heads, capacity) if self.mi == "nc" else (0,),
                                                         device=device), persistent=False)
-        self._kept = {}  # layer -> what `observe` kept of its attention this step (the step's tensors, not state)
 
     def on_prefill(self, layer, kept_scores, kept, cache=None):
         if self.mi == "nc" and cache is not None:
@@ -393,21 +392,12 @@ class MomentKV(Policy):
         self._kept[layer] = (a,)
 
     def _taken(self, layer, S: int, virtual_last: tuple[bool, ...]):
-        """What observe kept for `layer`, or for every layer (slice) stacked, smaller layers' slots padded
-        to S (per-layer budgets: empty slots). virtual_last, one flag per kept tensor: it ends with the
-        virtual slot's column, which stays last."""
+        """What observe kept for `layer`, or for every layer (slice) stacked (base.stack_layers: smaller
+        layers' slots padded). virtual_last, one flag per kept tensor: it ends with the virtual slot's column."""
         if not isinstance(layer, slice):
             return self._kept.pop(layer)
         layers = [self._kept.pop(i) for i in sorted(self._kept)]
-
-        def widen(t, last):
-            if t.shape[-1] == S + last:
-                return t
-            if not last:
-                return F.pad(t, (0, S - t.shape[-1]))
-            return torch.cat([t[..., :-1], t.new_zeros(t.shape[:-1] + (S + 1 - t.shape[-1],)), t[..., -1:]], dim=-1)
-
-        return tuple(torch.stack([widen(t, last) for t in ts]) for last, ts in zip(virtual_last, zip(*layers)))
+        return tuple(stack_layers(ts, S, int(last)) for last, ts in zip(virtual_last, zip(*layers)))
 
     def _head_mean(self, x):  # [..., Hkv, G, S] -> [..., Hkv, S]: over each kv head's group, or over all heads
         if self.per_kv_head:

@@ -40,12 +40,12 @@ STATIONARY = 1e6  # the age of entries whose score is not an EMA started at 0 (n
 
 
 def received_attention(probs: torch.Tensor, kv_heads: int, per_kv_head: bool) -> torch.Tensor:
-    """Attention each slot receives, [B, Hq, S] -> [B, Hkv, S]: mean over all query heads (Eq. 4)
+    """Attention each slot receives, [..., Hq, S] -> [..., Hkv, S]: mean over all query heads (Eq. 4)
     or over each kv head's group."""
-    B, Hq, S = probs.shape
     if per_kv_head:
-        return probs.view(B, kv_heads, Hq // kv_heads, S).mean(2)
-    return head_mean(probs, dim=1).unsqueeze(1).expand(B, kv_heads, S)
+        return probs.unflatten(-2, (kv_heads, -1)).mean(-2)
+    mean = head_mean(probs, dim=-2).unsqueeze(-2)
+    return mean.expand(*mean.shape[:-2], kv_heads, mean.shape[-1])
 
 
 def momentum_update(s: torch.Tensor, a: torch.Tensor, written: torch.Tensor, beta: float, one_minus_beta: bool,
@@ -70,6 +70,7 @@ class Momentum(Policy):
     has_prefill = False
     has_decode = True
     needs_probs = True
+    scores_at_step_end = True  # decode_scores is written for one layer or all at once
     beta = 0.97  # momentum factor (the paper grid-searched 0.3 to 0.98)
     one_minus_beta = True  # Eq. 5 as in the main text; False: the appendix's s <- beta s + a
     per_kv_head = False  # True: average over each GQA group's heads instead of all heads
@@ -89,7 +90,7 @@ class Momentum(Policy):
         self.age[layer].fill_(STATIONARY)
 
     def decode_scores(self, layer, probs, pos, written):
-        a = received_attention(probs, pos.shape[1], self.per_kv_head)
+        a = received_attention(probs, pos.shape[-2], self.per_kv_head)
         s = self.scores[layer][..., : pos.shape[-1]]  # a layer's cache may be smaller (per-layer budgets)
         age = self.age[layer][..., : pos.shape[-1]] if self.debias else None
         return momentum_update(s, a, written, self.beta, self.one_minus_beta, age)

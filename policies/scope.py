@@ -34,6 +34,7 @@ class Scope(SnapKV):
     description = "SCOPE: SnapKV prompt pool frozen + a decoding pool by Slide (--decode-budget)"
     has_decode = True
     needs_probs = True
+    scores_at_step_end = True  # decode_scores is written for one layer or all at once
     separate_pools = True
     default_decode_budget = 512
     recent = 256  # newest generated tokens always kept in the decoding pool
@@ -50,4 +51,4 @@ class Scope(SnapKV):
                              "or lower it with --policy-arg recent=N")
 
     def decode_scores(self, layer, probs, pos, written):
-        return group_sum(probs, pos.shape[1]).masked_fill(recent_mask(pos, self.recent), PROTECT)
+        return group_sum(probs, pos.shape[-2]).masked_fill(recent_mask(pos, self.recent), PROTECT)

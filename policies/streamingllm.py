@@ -29,6 +29,7 @@ class StreamingLLM(Policy):
     name = "streamingllm"
     description = "StreamingLLM: n_sink first tokens + a window of the most recent ones (unified)"
     aliases = ("streaming_llm",)
+    scores_at_step_end = True  # decode_scores is written for one layer or all at once
     n_sink = 4  # the paper's default (Sec. 3.2: four initial tokens suffice)
 
     def check_options(self):

@@ -30,6 +30,7 @@ class TOVA(Policy):
     name = "tova"
     description = "TOVA: drop the entry the current query attends least, averaged over heads (unified)"
     needs_probs = True
+    scores_at_step_end = True  # decode_scores is written for one layer or all at once
 
     def __init__(self):
         super().__init__()
@@ -41,4 +42,4 @@ class TOVA(Policy):
         return scores.masked_fill(last, PROTECT)
 
     def decode_scores(self, layer, probs, pos, written):
-        return head_mean(probs, dim=1).unsqueeze(1).expand(pos.shape)
+        return head_mean(probs, dim=-2).unsqueeze(-2).expand(pos.shape)

@@ -326,3 +326,29 @@ def test_prefill_only_keeps_the_unified_prefill_selection_and_every_generated_to
     assert all(((c.pos >= 0).sum(-1) == 16 + 9).all() for c in alone.caches)
     with pytest.raises(ValueError, match="prefill_only: snapkv is not a unified policy"):
         make_plan("snapkv", budget=64, options={"prefill_only": 1})
+
+
+@pytest.mark.parametrize("spec,kw", [
+    ("h2o", dict(budget=24)),
+    ("tova", dict(budget=24)),
+    ("streamingllm", dict(budget=24)),
+    ("scope", dict(budget=40, decode_budget=12, options={"recent": "4"})),
+    ("snapkv+momentum", dict(budget=40, decode_budget=12, options={"momentum.debias": "1"})),
+    ("momentum", dict(decode_budget=12, options={"per_kv_head": "1"})),
+    ("pyramidkv+h2o", dict(budget=40, decode_budget=12)),  # per-layer caches of different sizes
+])
+def test_scoring_every_layer_at_step_end_equals_layer_by_layer(model, spec, kw):
+    """Every built-in decode policy scores all layers at once after a step's last layer (the
+    engine's path, `scores_at_step_end`); layer by layer it keeps the same tokens with the same
+    scores, bit for bit."""
+    runs = []
+    for batched in (True, False):
+        e = Engine(model, make_plan(spec, **kw))
+        assert e.plan.decode.scores_at_step_end
+        e.plan.decode.scores_at_step_end = batched
+        runs.append((e.generate(prompts_of([70, 45], seed=5), 30), e))
+    (got, a), (want, b) = runs
+    assert got == want
+    assert torch.equal(a.pos, b.pos) and ((a.pos[:, 0] >= 0).sum(-1) < 70 + 29).all()  # row 0 evicted (99 tokens written)
+    for x, y in zip(a.plan.decode.buffers(), b.plan.decode.buffers(), strict=True):
+        assert torch.equal(x, y)
