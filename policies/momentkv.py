@@ -93,13 +93,13 @@ policies/correction.py implement.
 8. Decode step. An eager decode step on a CPU pays per op more than per byte, so the work is
    split by what it needs. At each layer (`observe`), only what reads that layer's cache: NC's
    virtual slot (correction.nc_attention: a few ops on top of plain attention) and, for MI,
-   ||v_i - o||^2 (`value_distances`: one matmul over the values, with ||v_i||^2 kept as tokens
-   are written), kept with the step's scores and probabilities. After the last layer
-   (`score_step`, the engine's `scores_at_step_end`), MI's cost, the momentum update and the
-   recent window run once over every layer's, stacked: the same ops, counted once instead of
-   once per layer. `decode_scores` is the two for one layer (equal bit for bit, tested). What is
+   the products o.v_i of ||v_i - o||^2 (`value_products`: one matmul over the values), kept with
+   the step's scores and probabilities. After the last layer (`score_step`, the engine's
+   `scores_at_step_end`), the rest of ||v_i - o||^2 (`value_distances`, with ||v_i||^2 kept as
+   tokens are written), MI's cost, the momentum update and the recent window run once over
+   every layer's, stacked: the same ops, counted once instead of once per layer. `decode_scores` is the two for one layer (equal bit for bit, tested). What is
    kept is 3 G (S + 1) floats per kv head per layer (G query heads per kv head), working memory
-   of the step. Cost against full: BENCHMARKS.md, decode speed against context length.
+   of the step, plus each layer's output and new value. Cost against full: BENCHMARKS.md, decode speed against context length.
 
 Ablation (the paper's: NC is worth more than MI, and the two are super-additive), all with the
 same base scorer: options {"mi": "none", "nc": False} evict-only, {"mi": "none"} NC alone,
@@ -220,17 +220,26 @@ def mi_cost_decode(probs, w, logits, virtual, d2, n, valid) -> torch.Tensor:
     return cost.masked_fill_(~(valid.unsqueeze(-2) & (n > 0)), 0.0)
 
 
-def value_distances(out, values, value_norm2=None) -> torch.Tensor:
-    """||v_i - o||^2 = ||v_i||^2 - 2 o.v_i + ||o||^2 for each decode query's output o and each slot,
-    one batched matmul over the values: out [B, Hq, 1, D], values [B, Hkv, S, D] -> [B, Hkv, G, S].
-    value_norm2 [B, Hkv, S]: the ||v_i||^2 if the caller keeps them (else computed)."""
+def value_products(out, values) -> torch.Tensor:
+    """o.v_i for each decode query's output o and each slot, one batched matmul over the values (the
+    one part of ||v_i - o||^2 that reads the cache): out [B, Hq, 1, D], values [B, Hkv, S, D] -> [B, Hkv, G, S]."""
     B, Hkv, S, D = values.shape
     o = out.float().reshape(B * Hkv, -1, D)
-    v = values.float().reshape(B * Hkv, S, D)
+    return torch.bmm(o, values.float().reshape(B * Hkv, S, D).transpose(-1, -2)).view(B, Hkv, -1, S)
+
+
+def value_distances(out, values, value_norm2=None, products=None) -> torch.Tensor:
+    """||v_i - o||^2 = ||v_i||^2 - 2 o.v_i + ||o||^2 for each decode query's output o and each slot,
+    over any leading dims: out [..., G, D] (or [B, Hq, 1, D]), values [..., S, D] -> [..., G, S].
+    value_norm2 [..., S]: the ||v_i||^2 if the caller keeps them; products [..., G, S]: the o.v_i if
+    the caller has them (`value_products`; then values is not read)."""
+    if products is None:
+        products = value_products(out, values)
     if value_norm2 is None:
-        value_norm2 = torch.linalg.vecdot(v, v)
-    norms = torch.linalg.vecdot(o, o).unsqueeze(-1) + value_norm2.reshape(B * Hkv, 1, S)
-    return torch.baddbmm(norms, o, v.transpose(-1, -2), alpha=-2).view(B, Hkv, -1, S)
+        value_norm2 = torch.linalg.vecdot(values.float(), values.float())
+    o = out.float().reshape(products.shape[:-1] + out.shape[-1:])
+    norms = torch.linalg.vecdot(o, o).unsqueeze(-1) + value_norm2.unsqueeze(-2)
+    return norms.add_(products, alpha=-2)  # = baddbmm(norms, o, v^T, alpha=-2), bit for bit
 
 
 def mi_cost_sum(q, allowed, keys, values, current: Moments, reference: Moments, kind: str = "nc") -> torch.Tensor:
@@ -260,7 +269,7 @@ class MomentKV(Policy):
     has_prefill = True
     has_decode = True
     needs_probs = True
-    needs_query = True  # the engine passes queries, the cache/candidates, the moments and NC attention's scores
+    needs_query = True  # the engine passes queries, the cache/candidates, the moments, NC attention's scores and the new value
     window = 512  # prefill observation window (queries): at least the prompt, so every prompt query votes (docstring, 5)
     kernel = 1  # pooling width over neighbouring slots (odd); 1: no pooling (SnapKV's is 7)
     pooling = "max"  # as snapkv: max or avg
@@ -362,8 +371,9 @@ class MomentKV(Policy):
         self._cand[layer] = raw + self.mi_weight * cost
         return torch.where(base >= PROTECT, base, base + self.mi_weight * cost)
 
-    def decode_scores(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None):
-        self.observe(layer, probs, pos, written, query, out, cache, moments, attn_scores)
+    def decode_scores(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None,
+                      value=None):
+        self.observe(layer, probs, pos, written, query, out, cache, moments, attn_scores, value)
         return self.score_step(layer, pos, written, moments)
 
     # The engine calls observe at every layer and score_step once for all layers (layer = slice(None)):
@@ -373,15 +383,15 @@ class MomentKV(Policy):
     def _mi_from_nc(self, moments) -> bool:  # MI read from NC attention's own scores: the fast path
         return self.mi == "nc" and moments is not None and moments.apply_nc
 
-    def observe(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None):
-        """Keep what this layer's attention gives the step's scoring (per-layer work: what needs the cache)."""
+    def observe(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None,
+                value=None):
+        """Keep what this layer's attention gives the step's scoring (per-layer work: what needs the cache).
+        value [B, Hkv, 1, D]: the new token's, written into slot `written`."""
         B, Hkv, S = pos.shape
         if self._mi_from_nc(moments):
             logits, probs_ext = attn_scores  # [B, Hkv, G, S + 1], the virtual slot last
-            norm2 = self.value_norm2[layer, ..., :S]
-            new = cache.v.gather(2, written[..., None, None].expand(-1, -1, 1, cache.v.shape[-1])).float()
-            norm2.scatter_(-1, written.unsqueeze(-1), torch.linalg.vecdot(new, new))
-            self._kept[layer] = (logits, probs_ext, value_distances(out, cache.v, norm2))
+            o = out.float().view(B, Hkv, -1, out.shape[-1])
+            self._kept[layer] = (logits, probs_ext, value_products(out, cache.v), o, value.float()[:, :, 0])
             return
         a = received_attention(probs, Hkv, self.per_kv_head)
         if self.mi != "none" and moments is not None:  # MI alone (plain attention) or kind "value": per layer
@@ -391,13 +401,14 @@ class MomentKV(Policy):
             a = a + self.mi_weight * self._head_mean(cost.view(B, Hkv, -1, S))
         self._kept[layer] = (a,)
 
-    def _taken(self, layer, S: int, virtual_last: tuple[bool, ...]):
-        """What observe kept for `layer`, or for every layer (slice) stacked (base.stack_layers: smaller
-        layers' slots padded). virtual_last, one flag per kept tensor: it ends with the virtual slot's column."""
+    def _taken(self, layer, S: int, slot_columns: tuple):
+        """What observe kept for `layer`, or for every layer (slice) stacked. slot_columns, one per kept
+        tensor: None if its last axis is not the slots, else the columns after the slots (the virtual
+        slot's: 1), which stay last when a smaller layer's slots are padded (base.stack_layers)."""
         if not isinstance(layer, slice):
             return self._kept.pop(layer)
         layers = [self._kept.pop(i) for i in sorted(self._kept)]
-        return tuple(stack_layers(ts, S, int(last)) for last, ts in zip(virtual_last, zip(*layers)))
+        return tuple(torch.stack(ts) if extra is None else stack_layers(ts, S, extra) for extra, ts in zip(slot_columns, zip(*layers)))
 
     def _head_mean(self, x):  # [..., Hkv, G, S] -> [..., Hkv, S]: over each kv head's group, or over all heads
         if self.per_kv_head:
@@ -409,11 +420,14 @@ class MomentKV(Policy):
         every layer at once (layer = slice(None), pos [L, B, Hkv, S], written [L, B, Hkv])."""
         S = pos.shape[-1]
         if self._mi_from_nc(moments):
-            logits, probs, d2 = self._taken(layer, S, virtual_last=(True, True, False))
+            logits, probs, products, out, value = self._taken(layer, S, slot_columns=(1, 1, 0, None, None))
+            norm2 = self.value_norm2[layer][..., :S]  # ||v_i||^2, the new token's first
+            norm2.scatter_(-1, written.unsqueeze(-1), torch.linalg.vecdot(value, value).unsqueeze(-1))
+            d2 = value_distances(out, None, norm2, products)
             cost = mi_cost_decode(probs[..., :S], probs[..., S], logits[..., :S], logits[..., S], d2, moments.n[layer], pos >= 0)
             a = self._head_mean(probs[..., :S]) + self.mi_weight * self._head_mean(cost)
         else:
-            (a,) = self._taken(layer, S, virtual_last=(False,))
+            (a,) = self._taken(layer, S, slot_columns=(0,))
         s = self.scores[layer][..., :S]  # a layer's cache may be smaller (per-layer budgets)
         age = self.age[layer][..., :S] if self.debias else None
         scores = momentum_update(s, a, written, self.beta, True, age)

@@ -312,7 +312,7 @@ class Engine:
                 out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
             if policy is not None:  # its scores wait for the end of the step (_free_slots)
                 probs = None if probs is None else probs[:, :, 0]
-                extra = dict(query=q, out=out, cache=cache, moments=nc, attn_scores=scores) if getattr(policy, "needs_query", False) else {}
+                extra = dict(query=q, out=out, cache=cache, moments=nc, attn_scores=scores, value=v) if getattr(policy, "needs_query", False) else {}
                 if policy.scores_at_step_end:
                     policy.observe(layer, probs, cache.pos, slot, **extra)
                 else:
