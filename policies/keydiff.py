@@ -12,7 +12,6 @@ the paper's block-wise iterative eviction (kvpress: BlockPress(KeyDiffPress)).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from policies.base import Policy

@@ -94,7 +94,7 @@ def test_replay_detects_a_difference(tiny):
     """verify_replay is not vacuous: a tape of other keys gives other caches."""
     from policies import make_plan
     from policies.base import CachePlan
-    from tinyengine.benchkit import ReplayModel, drive, pad
+    from tinyengine.benchkit import ReplayModel, drive
     from tinyengine.engine import Engine
 
     _, model, _ = tiny

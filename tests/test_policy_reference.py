@@ -17,7 +17,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from policies import make_plan
 from policies.base import PROTECT, choose_victim

@@ -119,7 +119,7 @@ def attention_probs(q, k, q_pos, kv_pos, weight=None, summed=False):
 
 def sdpa_attention(q, k, v, q_pos, kv_pos, kv_bias=None):
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     allowed = slot_mask(q_pos, kv_pos)
     if kv_bias is None:
