@@ -116,9 +116,13 @@ class Policy(nn.Module):
         """At each layer: keep what score_step needs from this layer's attention (default: probs)."""
         self._kept[layer] = probs
 
+    def kept_layers(self) -> list:
+        """What observe kept at every layer this step, in layer order (and forgotten: it is not state)."""
+        return [self._kept.pop(i) for i in sorted(self._kept)]
+
     def score_step(self, layer, pos, written, moments=None) -> torch.Tensor:
         """After the last layer: every layer's scores at once (layer = slice(None), pos [L, B, Hkv, S])."""
-        kept = [self._kept.pop(i) for i in sorted(self._kept)]
+        kept = self.kept_layers()
         probs = None if kept[0] is None else stack_layers(kept, pos.shape[-1])
         return self.decode_scores(layer, probs, pos, written)
 

@@ -97,9 +97,11 @@ policies/correction.py implement.
    the step's scores and probabilities. After the last layer (`score_step`, the engine's
    `scores_at_step_end`), the rest of ||v_i - o||^2 (`value_distances`, with ||v_i||^2 kept as
    tokens are written), MI's cost, the momentum update and the recent window run once over
-   every layer's, stacked: the same ops, counted once instead of once per layer. `decode_scores` is the two for one layer (equal bit for bit, tested). What is
-   kept is 3 G (S + 1) floats per kv head per layer (G query heads per kv head), working memory
-   of the step, plus each layer's output and new value. Cost against full: BENCHMARKS.md, decode speed against context length.
+   every layer's, stacked: the same ops, counted once instead of once per layer.
+   `decode_scores` is the two for one layer (equal bit for bit, tested). What is kept is about
+   3 G (S + 1) floats per kv head per layer (G query heads per kv head: scores, probabilities,
+   products) plus the layer's output and new value, working memory of the step. Cost against
+   full: BENCHMARKS.md, decode speed against context length.
 
 Ablation (the paper's: NC is worth more than MI, and the two are super-additive), all with the
 same base scorer: options {"mi": "none", "nc": False} evict-only, {"mi": "none"} NC alone,
@@ -407,7 +409,7 @@ class MomentKV(Policy):
         slot's: 1), which stay last when a smaller layer's slots are padded (base.stack_layers)."""
         if not isinstance(layer, slice):
             return self._kept.pop(layer)
-        layers = [self._kept.pop(i) for i in sorted(self._kept)]
+        layers = self.kept_layers()
         return tuple(torch.stack(ts) if extra is None else stack_layers(ts, S, extra) for extra, ts in zip(slot_columns, zip(*layers)))
 
     def _head_mean(self, x):  # [..., Hkv, G, S] -> [..., Hkv, S]: over each kv head's group, or over all heads

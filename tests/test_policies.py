@@ -336,11 +336,14 @@ def test_prefill_only_keeps_the_unified_prefill_selection_and_every_generated_to
     ("snapkv+momentum", dict(budget=40, decode_budget=12, options={"momentum.debias": "1"})),
     ("momentum", dict(decode_budget=12, options={"per_kv_head": "1"})),
     ("pyramidkv+h2o", dict(budget=40, decode_budget=12)),  # per-layer caches of different sizes
+    ("momentkv", dict(budget=40, options={"window": "16"})),
+    ("pyramidkv+momentkv", dict(budget=40, decode_budget=12)),
+    ("momentkv", dict(budget=40, options={"window": "16", "per_kv_head": "0", "mi": "value"})),  # MI per layer, all heads
 ])
 def test_scoring_every_layer_at_step_end_equals_layer_by_layer(model, spec, kw):
     """Every built-in decode policy scores all layers at once after a step's last layer (the
     engine's path, `scores_at_step_end`); layer by layer it keeps the same tokens with the same
-    scores, bit for bit."""
+    scores (every buffer of the policy, and momentkv's moments), bit for bit."""
     runs = []
     for batched in (True, False):
         e = Engine(model, make_plan(spec, **kw))
@@ -350,5 +353,6 @@ def test_scoring_every_layer_at_step_end_equals_layer_by_layer(model, spec, kw):
     (got, a), (want, b) = runs
     assert got == want
     assert torch.equal(a.pos, b.pos) and ((a.pos[:, 0] >= 0).sum(-1) < 70 + 29).all()  # row 0 evicted (99 tokens written)
-    for x, y in zip(a.plan.decode.buffers(), b.plan.decode.buffers(), strict=True):
+    modules = [(a.plan.decode, b.plan.decode)] + ([(a.plan.correction, b.plan.correction)] if a.plan.correction else [])
+    for x, y in ((x, y) for p, q in modules for x, y in zip(p.buffers(), q.buffers(), strict=True)):
         assert torch.equal(x, y)
