@@ -111,6 +111,13 @@ class Policy(nn.Module):
     def decode_scores(self, layer, probs, pos, written) -> torch.Tensor:
         return torch.zeros(pos.shape, device=pos.device)
 
+    def fused_score(self, correction):
+        """How the fused CPU decode kernel (tinyengine/fused.py) serves this policy. None: it computes
+        attention (and the probabilities, if `needs_probs`) as usual; a float w: it also computes the
+        policy's per-slot decode score with MI weight w, which `observe` gets as `score` (momentkv);
+        False: not at all, the torch path (the policy reads what only that path gives)."""
+        return None
+
     # ---- a decode step scored once for every layer (scores_at_step_end)
     def observe(self, layer: int, probs, pos, written, **extra):
         """At each layer: keep what score_step needs from this layer's attention (default: probs)."""

@@ -42,7 +42,7 @@ that remains is exact and per token (used by MI):
 
     o_true - o = sum_E r_i (v_i - o) / Z,   r_i = exp(tau q.mu_k) (e^{x_i} - 1 - x_i) >= 0.
 
-Two ways to compute it, one number:
+Three ways to compute it, one number:
   - flex (CUDA, when no probabilities are needed): FlexAttention over the cache returns (o_K,
     lse_K) with return_lse=True, and `nc_merge` applies the formula above.
   - reference (CPU, and any backend when the policy needs the probabilities): the virtual slot's
@@ -52,7 +52,10 @@ Two ways to compute it, one number:
     w_E tau C q is one fused multiply-add. A few ops on top of plain attention, which is what a
     CPU decode step pays for (its cost is per op). The scores and probabilities are returned:
     MomentKV's MI at decode reads them instead of taking a second pass over the keys.
-Compiled flex on CPU cannot return the LSE, so the CPU path is always the reference one.
+  - the fused CPU kernel (tinyengine/decode_kernel.c; eager or compiled decode in float32 on a
+    CPU): the same softmax over the slots and the virtual slot, one pass per kv head; it also
+    computes the moments' update at each step's evictions (`absorb_slots`, eager).
+Compiled flex on CPU cannot return the LSE, so the CPU path is the reference one or the kernel.
 
 Where NC applies: every decode step once anything was evicted (after a compressed prefill, or
 once a decode pool overflows), and at prefill in every chunk after the first (chunked prefill
@@ -72,6 +75,7 @@ import math
 import torch
 from torch import nn
 
+from tinyengine import fused
 from tinyengine.attention import attention_logits, reference_attention
 
 Moments = tuple  # (n [...], mu_k [..., D], mu_v [..., D], C [..., D, D]), float32
@@ -216,6 +220,10 @@ class Correction(nn.Module):
             b.zero_()
 
     def moments(self, layer: int) -> Moments:
+        if not torch.compiler.is_compiling():  # eager: views made once (every update is in place)
+            if getattr(self, "_views", None) is None or self._views[0] is not self.n:
+                self._views = (self.n, [(self.n[i], self.mu_k[i], self.mu_v[i], self.C[i]) for i in range(len(self.n))])
+            return self._views[1][layer]
         return self.n[layer], self.mu_k[layer], self.mu_v[layer], self.C[layer]
 
     def _store(self, layer: int, m: Moments):
@@ -232,9 +240,11 @@ class Correction(nn.Module):
         """Add the entries where mask [B, Hkv, N] is True (keys, values [B, Hkv, N, D]): a batch merge."""
         self._store(layer, merge(self.moments(layer), batch_moments(keys, values, mask)))
 
-    def absorb_slots(self, slots, caches, pos):
-        """Add, in every layer at once, the token held in slot `slots[l]` [B, Hkv] of `caches[l]`;
-        pos [L, B, Hkv, S] is the slots' positions (an empty slot, position -1, adds nothing).
+    def absorb_slots(self, slots, keys, values, pos, kernel: bool = True):
+        """Add, in every layer at once, the token held in slot `slots[l]` [B, Hkv] of layer l; keys,
+        values: every layer's cache, a list of [B, Hkv, S_l, D]; pos [L, B, Hkv, S] is the slots'
+        positions (an empty slot, position -1, adds nothing). Eager on a CPU: one C pass
+        (tinyengine/fused.py); its reference is the torch code below (kernel=False).
 
         One update over the stacked [L, ...] moments, so a decode step's eviction costs a dozen
         ops, not a dozen per layer. It is `merge` with B = one token (Welford), written in place:
@@ -244,10 +254,12 @@ class Correction(nn.Module):
         fused multiply-add (the general merge made eight passes over it and a copy back: 1.3 ms
         per step for SmolLM2, more than the step's attention). An empty slot has f_B = 0 and adds
         exact zeros: the moments stay bit for bit unchanged, with no branch."""
+        if kernel and fused.absorb_slots(slots, keys, values, pos, self.n, self.mu_k, self.mu_v, self.C):  # eager CPU: one C pass
+            return
         D = self.mu_k.shape[-1]
         idx = slots[..., None, None].expand(-1, -1, -1, 1, D)
-        k = torch.stack([c.k.gather(2, idx[i]) for i, c in enumerate(caches)]).squeeze(3).float()
-        v = torch.stack([c.v.gather(2, idx[i]) for i, c in enumerate(caches)]).squeeze(3).float()
+        k = torch.stack([c.gather(2, idx[i]) for i, c in enumerate(keys)]).squeeze(3).float()
+        v = torch.stack([c.gather(2, idx[i]) for i, c in enumerate(values)]).squeeze(3).float()
         valid = (pos.gather(3, slots.unsqueeze(-1)).squeeze(3) >= 0).float()
         self.n.add_(valid)
         f_b = valid / self.n.clamp(min=1.0)

@@ -102,6 +102,12 @@ policies/correction.py implement.
    3 G (S + 1) floats per kv head per layer (G query heads per kv head: scores, probabilities,
    products) plus the layer's output and new value, working memory of the step. Cost against
    full: BENCHMARKS.md, decode speed against context length.
+   On a CPU in float32 all of it runs fused (tinyengine/decode_kernel.c, the engine's default
+   decode backend there): the attention kernel returns, per layer, the per-slot
+   a_i + mi_weight c_i averaged over the kv head's query group (`fused_score`; ||v_i - o||^2
+   computed directly, not expanded), and `score_step` updates the momentum, the ages and the
+   recent window for every layer in one C pass (fused.momentum_scores). This code is its
+   reference (tests/test_fused.py), and the path when compiled, on CUDA, or per_kv_head=False.
 
 Ablation (the paper's: NC is worth more than MI, and the two are super-additive), all with the
 same base scorer: options {"mi": "none", "nc": False} evict-only, {"mi": "none"} NC alone,
@@ -120,6 +126,7 @@ from policies.base import PROTECT, Policy, keep_top, recent_mask, stack_layers
 from policies.correction import Moments, batch_moments, merge
 from policies.momentum import STATIONARY, momentum_update, received_attention
 from policies.snapkv import snapkv_scores
+from tinyengine import fused
 from tinyengine.attention import query_block, slot_mask
 from tinyengine.dist import head_mean
 
@@ -374,8 +381,8 @@ class MomentKV(Policy):
         return torch.where(base >= PROTECT, base, base + self.mi_weight * cost)
 
     def decode_scores(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None,
-                      value=None):
-        self.observe(layer, probs, pos, written, query, out, cache, moments, attn_scores, value)
+                      value=None, score=None):
+        self.observe(layer, probs, pos, written, query, out, cache, moments, attn_scores, value, score)
         return self.score_step(layer, pos, written, moments)
 
     # The engine calls observe at every layer and score_step once for all layers (layer = slice(None)):
@@ -385,11 +392,20 @@ class MomentKV(Policy):
     def _mi_from_nc(self, moments) -> bool:  # MI read from NC attention's own scores: the fast path
         return self.mi == "nc" and moments is not None and moments.apply_nc
 
+    def fused_score(self, moments):
+        if not self._mi_from_nc(moments):
+            return None  # plain probabilities; MI alone or "value" run in torch from them
+        return self.mi_weight if self.per_kv_head else False  # the kernel averages per kv head only
+
     def observe(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None,
-                value=None):
+                value=None, score=None):
         """Keep what this layer's attention gives the step's scoring (per-layer work: what needs the cache).
-        value [B, Hkv, 1, D]: the new token's, written into slot `written`."""
+        value [B, Hkv, 1, D]: the new token's, written into slot `written`. score [B, Hkv, S]: the
+        fused kernel's head_mean(p) + mi_weight head_mean(c) (tinyengine/fused.py), all the step needs."""
         B, Hkv, S = pos.shape
+        if score is not None:
+            self._kept[layer] = (score,)
+            return
         if self._mi_from_nc(moments):
             logits, probs_ext = attn_scores  # [B, Hkv, G, S + 1], the virtual slot last
             o = out.float().view(B, Hkv, -1, out.shape[-1])
@@ -421,7 +437,7 @@ class MomentKV(Policy):
         """Scores from what observe kept, for one layer (pos [B, Hkv, S], written [B, Hkv]) or for
         every layer at once (layer = slice(None), pos [L, B, Hkv, S], written [L, B, Hkv])."""
         S = pos.shape[-1]
-        if self._mi_from_nc(moments):
+        if self._mi_from_nc(moments) and len(next(iter(self._kept.values()))) > 1:  # torch path: NC's terms
             logits, probs, products, out, value = self._taken(layer, S, slot_columns=(1, 1, 0, None, None))
             norm2 = self.value_norm2[layer][..., :S]  # ||v_i||^2, the new token's first
             norm2.scatter_(-1, written.unsqueeze(-1), torch.linalg.vecdot(value, value).unsqueeze(-1))
@@ -432,6 +448,10 @@ class MomentKV(Policy):
             (a,) = self._taken(layer, S, slot_columns=(0,))
         s = self.scores[layer][..., :S]  # a layer's cache may be smaller (per-layer budgets)
         age = self.age[layer][..., :S] if self.debias else None
+        recent = self.pool_recent if self.recent >= 0 else None
+        scores = fused.momentum_scores(s, a, written, self.beta, age, pos, recent, PROTECT)  # eager CPU: one C pass
+        if scores is not None:
+            return scores
         scores = momentum_update(s, a, written, self.beta, True, age)
         if self.recent >= 0:
             scores = scores.masked_fill(recent_mask(pos, self.pool_recent), PROTECT)

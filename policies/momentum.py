@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from policies.base import Policy
+from tinyengine import fused
 from tinyengine.dist import head_mean
 
 STATIONARY = 1e6  # the age of entries whose score is not an EMA started at 0 (no bias to correct)
@@ -93,4 +94,8 @@ class Momentum(Policy):
         a = received_attention(probs, pos.shape[-2], self.per_kv_head)
         s = self.scores[layer][..., : pos.shape[-1]]  # a layer's cache may be smaller (per-layer budgets)
         age = self.age[layer][..., : pos.shape[-1]] if self.debias else None
+        if self.one_minus_beta:  # eager on a CPU: one C pass (tinyengine/fused.py; this is its reference)
+            scores = fused.momentum_scores(s, a, written, self.beta, age)
+            if scores is not None:
+                return scores
         return momentum_update(s, a, written, self.beta, self.one_minus_beta, age)

@@ -65,7 +65,7 @@ def test_moments_equal_batch_recomputation(seed, ops):
         held = (torch.rand(L, B, H, generator=g) < 0.7) & (op == "one")  # else the slot is empty
         pos.scatter_(3, slots.unsqueeze(-1), torch.where(held, 7, -1).unsqueeze(-1))
         before = [t.clone() for t in (c.n, c.mu_k, c.mu_v, c.C)]
-        c.absorb_slots(slots, caches, pos)
+        c.absorb_slots(slots, [x.k for x in caches], [x.v for x in caches], pos)
         for layer in range(L):
             for b in range(B):
                 for h in range(H):
@@ -471,9 +471,9 @@ def test_counting_moments_in_the_budget(model):
     ("pyramidkv+momentkv", dict(budget=40, decode_budget=12)),  # per-layer caches of different sizes
 ])
 def test_kept_value_norms_are_the_caches(model, spec, kw):
-    """The squared value norms MomentKV keeps as tokens are written (value_distances' ||v_i||^2)
-    are those of the cache. (Batched scoring = layer by layer: tests/test_policies.py.)"""
-    e = Engine(model, make_plan(spec, **kw))
+    """The squared value norms MomentKV's torch path keeps as tokens are written (value_distances'
+    ||v_i||^2) are those of the cache. (Batched scoring = layer by layer: tests/test_policies.py.)"""
+    e = Engine(model, make_plan(spec, **kw), decode_backend="reference")  # the fused kernel computes them itself
     e.generate(prompts_of([70, 45], seed=5), 30)
     for i, cache in enumerate(e.caches):
         valid = cache.pos >= 0

@@ -12,6 +12,7 @@ Backends (all equal `reference` on random inputs, see tests/test_attention.py):
   - reference: plain torch softmax; also returns the probabilities that scoring policies need.
   - sdpa: F.scaled_dot_product_attention with a boolean mask (fastest prefill on CPU).
   - flex: FlexAttention with the rule as a block mask and the bias as a score_mod.
+  - fused: eager decode (one query per head) in float32 on a CPU, a C kernel (tinyengine/fused.py).
 Grouped-query attention never copies K/V: queries of one kv head's group are folded into
 the query-length axis.
 """
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-BACKENDS = ("reference", "sdpa", "flex")
+BACKENDS = ("reference", "sdpa", "flex", "fused")  # fused: eager decode in float32 on a CPU (tinyengine/fused.py)
 
 # Queries that are padding attend to every valid slot of their row (there is always one), so
 # no softmax row is empty and no NaN can leak into the real tokens through padded values.
@@ -177,4 +178,8 @@ def attention(q, k, v, q_pos, kv_pos, kv_bias=None, backend="sdpa"):
         return sdpa_attention(q, k, v, q_pos, kv_pos, kv_bias)
     if backend == "flex":
         return flex_attention_slots(q, k, v, q_pos, kv_pos, kv_bias)
+    if backend == "fused" and kv_bias is None:  # one decode query per head, float32 on a CPU, eager
+        from tinyengine import fused
+
+        return fused.decode_attention(q, k, v, q_pos[:, -1], kv_pos)[0]
     raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")

@@ -575,7 +575,8 @@ def attention_suite(args, size: dict, save):
     dev = torch.device(args.device)
     prefill_T = [T for T in size["speed_prompts"] if T >= 64] or [128]
     decode_S = size["contexts"]
-    backends = ["reference", "sdpa", "flex", "sdpa-causal"]  # sdpa-causal: the first prefill chunk's kernel
+    backends = ["reference", "sdpa", "flex", "sdpa-causal", "fused"]  # sdpa-causal: the first prefill chunk's kernel
+    from tinyengine import fused  # fused: eager decode in float32 on a CPU only
     cases = [("prefill", 1, T) for T in prefill_T] + [("decode", B, S) for S in decode_S for B in size["speed_batches"]]
     bar = bench.Progress("attention", len(cases) * len(backends), not args.no_progress)
     rows, notes = [], []
@@ -589,10 +590,12 @@ def attention_suite(args, size: dict, save):
         q_pos = (torch.arange(Tq, device=dev) + (T - Tq)).expand(B, Tq).contiguous()
         ref = attention(q, k, v, q_pos, kv_pos, backend="reference")
         for backend in backends:
-            if backend == "sdpa-causal" and phase != "prefill":
+            if (backend == "sdpa-causal" and phase != "prefill") or (backend == "fused" and (
+                    phase != "decode" or not fused.usable_for(dev, q.dtype))):
+                bar.done(1)
                 continue
             bar.doing(f"{phase} {backend} B={B} T={T}")
-            for compiled in ((False, True) if phase == "decode" else (False,)):
+            for compiled in ((False, True) if phase == "decode" and backend != "fused" else (False,)):
                 if backend == "sdpa-causal":
                     fn = lambda: causal_attention(q, k, v)  # noqa: E731
                 else:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from policies.base import CachePlan, choose_victim, keep_top
+from tinyengine import fused
 from tinyengine.attention import PAD_QUERY_POS, attention, attention_probs, causal_attention, reference_attention
 from tinyengine.cache import KVCache, first_free_slot
 from tinyengine.errors import TinyEngineError
@@ -68,11 +69,13 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def default_backends(device: torch.device) -> tuple[str, str]:
-    """(prefill, decode) attention backends. Measured in BENCHMARKS.md (bench.py attention)."""
+def default_backends(device: torch.device, dtype: torch.dtype = torch.float32, compiled: bool = False) -> tuple[str, str]:
+    """(prefill, decode) attention backends. Measured in BENCHMARKS.md (bench.py attention). On a
+    CPU, eager decode runs the fused kernel (tinyengine/fused.py) in float32 when it builds; a
+    compiled step, or any other dtype, the reference (which a compiled step fuses itself)."""
     if device.type == "cuda":
         return "flex", "flex"
-    return "sdpa", "reference"
+    return "sdpa", "fused" if not compiled and fused.usable_for(device, dtype) else "reference"
 
 
 class Engine:
@@ -84,13 +87,20 @@ class Engine:
         self.plan = plan or CachePlan()
         self.device = model.output_weight().device
         self.dtype = model.output_weight().dtype
-        default_prefill, default_decode = default_backends(self.device)
+        default_prefill, default_decode = default_backends(self.device, self.dtype, compile)
         self.prefill_backend = prefill_backend or default_prefill
         self.decode_backend = decode_backend or default_decode
         self.prefill_chunk = prefill_chunk
         self.caches: list[KVCache] = []
         self.batch = self.capacity = 0
         self.compiled = compile
+        # The fused CPU decode kernel (tinyengine/fused.py), and how it serves the decode policy
+        self._fused_decode = self.decode_backend == "fused"
+        if self._fused_decode and (compile or not fused.usable_for(self.device, self.dtype)):
+            raise TinyEngineError(f"decode backend 'fused' runs eager decode in float32 on the CPU with a C compiler "
+                                  f"(tinyengine/fused.py); this engine is {'compiled, ' if compile else ''}{self.dtype} "
+                                  f"on {self.device}: choose reference, sdpa or flex")
+        self._fused_score = self.plan.decode.fused_score(self.plan.correction) if self.plan.decode is not None else None
         self.decode_step = torch.compile(self._decode_step, fullgraph=True, dynamic=False) if compile else self._decode_step
         nc = self.plan.correction
         if nc is not None and nc.count_in_budget:  # the moments' memory, in cache slots, comes off the budget
@@ -117,6 +127,7 @@ class Engine:
         self.step_scores = torch.zeros(self.pos.shape, device=self.device)
         self.caches = [KVCache(batch, a.num_kv_heads, cap, a.head_dim, self.dtype, self.device, pos=self.pos[i, :, :, :cap])
                        for i, cap in enumerate(caps)]
+        self.layer_keys, self.layer_values = [c.k for c in self.caches], [c.v for c in self.caches]  # (looked up once)
         self.next_slot = torch.zeros(a.num_layers, batch, a.num_kv_heads, dtype=torch.long, device=self.device)
         self.prompt_len = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.pool_budget = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -289,10 +300,12 @@ class Engine:
         scores = self.step_scores
         if plan.decode.scores_at_step_end:  # every layer scored at once (policies/base.py)
             scores = plan.decode.score_step(slice(None), self.pos, self.next_slot, plan.correction)
-        in_pool = self.pos >= (0 if plan.unified else self.prompt_len[:, None, None])
-        victim = choose_victim(scores, self.pos, in_pool, self.pool_budget)  # [L, B, Hkv]
+        pool_from = self.prompt_len * 0 if plan.unified else self.prompt_len  # the pool: positions from here on
+        victim = fused.choose_victim(scores, self.pos, pool_from, self.pool_budget)  # [L, B, Hkv]; eager CPU: one C pass
+        if victim is None:
+            victim = choose_victim(scores, self.pos, self.pos >= pool_from[:, None, None], self.pool_budget)
         if plan.correction is not None:  # the victims join the evicted set's moments (an empty slot adds nothing)
-            plan.correction.absorb_slots(victim, self.caches, self.pos)
+            plan.correction.absorb_slots(victim, self.layer_keys, self.layer_values, self.pos)
         self.pos.scatter_(-1, victim.unsqueeze(-1), -1)
         self.next_slot.copy_(victim)
 
@@ -303,16 +316,27 @@ class Engine:
             slot = self.next_slot[layer]
             cache.write(slot, k[:, :, 0], v[:, :, 0], pos)
             policy, nc = plan.decode, plan.correction
-            need, scores = policy is not None and policy.needs_probs, None
-            if nc is not None:  # NC (or, for MI alone, plain attention): policies/correction.py
+            need, scores, score = policy is not None and policy.needs_probs, None, None
+            mi_weight = self._fused_score
+            if self._fused_decode and mi_weight is not False and self.shared_slots[layer] == 0:
+                # One pass per kv head: attention, NC when it applies, and the probabilities or, for a
+                # policy whose decode score the kernel computes (momentkv), that score
+                moments = nc.moments(layer) if nc is not None and nc.apply_nc else None
+                out, probs, score = fused.decode_attention(q, cache.k, cache.v, pos, cache.pos, moments, need and mi_weight is None, mi_weight)
+            elif nc is not None:  # NC (or, for MI alone, plain attention): policies/correction.py
                 out, probs, scores = nc.attention(layer, q, cache.k, cache.v, pos[:, None], cache.pos, self.decode_backend, need)
-            elif need or self.decode_backend == "reference":
+            elif need or self.decode_backend in ("reference", "fused"):
                 out, probs = reference_attention(q, cache.k, cache.v, pos[:, None], cache.pos, shared=self.shared_slots[layer])
             else:
                 out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
             if policy is not None:  # its scores wait for the end of the step (_free_slots)
                 probs = None if probs is None else probs[:, :, 0]
-                extra = dict(query=q, out=out, cache=cache, moments=nc, attn_scores=scores, value=v) if getattr(policy, "needs_query", False) else {}
+                if score is not None:  # the kernel's per-slot score is all the policy reads
+                    extra = {"score": score}
+                elif getattr(policy, "needs_query", False):
+                    extra = dict(query=q, out=out, cache=cache, moments=nc, attn_scores=scores, value=v)
+                else:
+                    extra = {}
                 if policy.scores_at_step_end:
                     policy.observe(layer, probs, cache.pos, slot, **extra)
                 else:

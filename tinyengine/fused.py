@@ -1,0 +1,188 @@
+"""The fused CPU decode kernels (tinyengine/decode_kernel.c): a decode step's attention over a
+layer's cache slots in one pass per kv head, with NC's virtual slot and MomentKV's per-slot score;
+and, once per step for every layer, MomentKV's score update, the moments' update and the victim choice.
+
+Why: an eager decode step on a CPU pays per torch op (5 to 20 us each), and attention over the
+cache is a dozen ops per layer (scores, scale, mask, softmax, output; NC adds its virtual slot,
+MomentKV's MI a matmul over the values and ~20 elementwise ops): for SmolLM2's 30 layers that was
+most of what MomentKV cost over full (BENCHMARKS.md, decode speed against context length). The
+kernel reads each key once and each value twice (the second time from cache, for ||v_i - o||^2).
+
+They compute what the torch code computes, to float32 rounding: `reference_attention` (plain),
+`nc_attention` (with moments), `mi_cost_decode` + the head mean (MomentKV's score),
+`momentum_update` + `recent_mask`, `Correction.absorb_slots` and `choose_victim` (the victims
+exactly), compared on random inputs in tests/test_fused.py. That torch code stays the reference,
+the compiled and CUDA path, and the path for other dtypes or when the kernels are unavailable.
+
+Built on first use: the system C compiler (`cc`, -O3 -march=native -fopenmp) compiles the
+source into $TINYENGINE_CACHE/kernels/ (a second or two; keyed by the source, the compiler
+and the CPU's flags), loaded with ctypes. Its OpenMP is torch's own (the libgomp.so.1 torch has
+loaded), so the kernel shares torch's threads. No compiler, or TINYENGINE_FUSED=0:
+`available()` is False and the engine takes the torch path. Eager only: a compiled decode step
+fuses the torch code itself (inductor), so the engine's compiled step uses the reference backend.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("decode_kernel.c")
+_lib = None  # the loaded kernels (ctypes), False once building them failed
+_i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+SIGNATURES = {  # decode_kernel.c's functions: argument types
+    "decode_attention": [_i64] * 5 + [_ptr] * 12 + [_f32, _int],
+    "momentum_scores": [_i64] * 4 + [_ptr] * 6 + [_f32] * 2 + [_ptr, _int],
+    "absorb_slots": [_i64] * 4 + [_ptr] * 9 + [_int],
+    "choose_victim": [_i64] * 4 + [_ptr] * 5 + [_int],
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _build() -> Path:
+    from tinyengine.checkpoint import cache_dir
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc) found")
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags()]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"decode_kernel-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {result.stderr.strip()[:400]}")
+            os.replace(built, target)  # atomic: a concurrent build loads one or the other, both whole
+    return target
+
+
+def _load():
+    global _lib
+    if _lib is None:
+        _lib = False
+        if os.environ.get("TINYENGINE_FUSED", "1") != "0":
+            try:
+                lib = ctypes.CDLL(str(_build()))
+            except (OSError, RuntimeError) as e:
+                import warnings
+
+                warnings.warn(f"tinyengine: the fused CPU decode kernels are unavailable ({e}); using the torch path")
+            else:
+                for name, argtypes in SIGNATURES.items():
+                    getattr(lib, name).argtypes = argtypes
+                lib.decode_attention.restype = ctypes.c_int
+                _lib = lib
+    return _lib
+
+
+def available() -> bool:
+    """The kernel is built (or buildable) and enabled."""
+    return bool(_load())
+
+
+def usable_for(device, dtype) -> bool:
+    """The decode kernel serves an engine on this device with this dtype (float32 on the CPU)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and available()
+
+
+def _run(q, k, v, kv_pos, q_pos, n, mu_k, mu_v, C, want_probs: bool, want_score: bool, mi_weight: float):
+    B, Hq, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.empty(B, Hq, 1, D)
+    probs = torch.empty(B, Hq, 1, S) if want_probs else None
+    score = torch.empty(B, Hkv, S) if want_score else None
+    inputs = [t if t.is_contiguous() else t.contiguous() for t in (q, k, v, kv_pos, q_pos)]
+    if n is not None:
+        inputs += [t if t.is_contiguous() else t.contiguous() for t in (n, mu_k, mu_v, C)]
+    failed = _lib.decode_attention(B, Hkv, Hq // Hkv, S, D, *[t.data_ptr() for t in inputs], *([None] * (9 - len(inputs))),
+                                   out.data_ptr(), probs.data_ptr() if want_probs else None,
+                                   score.data_ptr() if want_score else None, mi_weight, torch.get_num_threads())
+    if failed:
+        raise MemoryError("tinyengine's fused decode kernel could not allocate its scratch")
+    return out, probs, score
+
+
+def decode_attention(q, k, v, q_pos, kv_pos, moments=None, want_probs=False, mi_weight=None):
+    """q [B, Hq, 1, D], k, v [B, Hkv, S, D], q_pos [B], kv_pos [B, Hkv, S]; moments: one layer's
+    (n, mu_k, mu_v, C) for NC, or None. mi_weight: also MomentKV's per-slot score (needs moments).
+    -> (out [B, Hq, 1, D], probs [B, Hq, 1, S] or None, score [B, Hkv, S] or None)."""
+    if q.shape[2] != 1 or q.dtype != torch.float32 or k.dtype != torch.float32 or q.device.type != "cpu":
+        raise ValueError(f"the fused decode kernel takes one float32 CPU query per head (got {list(q.shape)} {q.dtype} on {q.device})")
+    if torch.compiler.is_compiling():
+        raise RuntimeError("the fused decode kernel runs eager; a compiled step fuses the torch code (decode backend reference)")
+    n, mu_k, mu_v, C = moments if moments is not None else (None,) * 4
+    return _run(q, k, v, kv_pos, q_pos, n, mu_k, mu_v, C, want_probs, mi_weight is not None,
+                0.0 if mi_weight is None else float(mi_weight))
+
+
+def momentum_scores(s, a, written, beta: float, age=None, pos=None, recent=None, protect: float = 1e30):
+    """MomentKV's step-end update (decode_kernel.c, momentum_scores), eager only: the same as
+    policies.momentum.momentum_update(s, a, written, beta, True, age) followed, with `recent` [B],
+    by masking policies.base.recent_mask(pos, recent) to `protect`; to float32 rounding (tested).
+    s, a, age, pos [..., B, Hkv, S] (s and age updated in place), written [..., B, Hkv]. None where the
+    kernel does not apply (not built, compiling, not contiguous float32 on the CPU): use the torch code."""
+    if not _eager_cpu(s, *((age,) if age is not None else ())) or a.dtype != torch.float32:
+        return None
+    B, Hkv, S = s.shape[-3:]
+    rows = s.numel() // S
+    rank = torch.empty_like(s)
+    a, written = a.contiguous(), written.contiguous()  # (held here: the kernel reads their memory)
+    pos = pos.contiguous() if recent is not None else None
+    recent = recent.contiguous() if recent is not None else None
+    _lib.momentum_scores(rows, B, Hkv, S, s.data_ptr(), a.data_ptr(), written.data_ptr(),
+                  age.data_ptr() if age is not None else None, pos.data_ptr() if pos is not None else None,
+                  recent.data_ptr() if recent is not None else None, beta, protect, rank.data_ptr(), torch.get_num_threads())
+    return rank
+
+
+def _eager_cpu(*tensors) -> bool:
+    """The step-end kernels apply: eager (a compiled step fuses the torch code itself), built, and
+    contiguous float32 CPU tensors."""
+    return (not torch.compiler.is_compiling() and available()
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors))
+
+
+def absorb_slots(slots, keys, values, pos, n, mu_k, mu_v, C) -> bool:
+    """Correction.absorb_slots in one C pass (decode_kernel.c), eager only: keys, values lists of
+    every layer's [B, Hkv, S_l, D], slots [L, B, Hkv], pos [L, B, Hkv, S], the moments [L, B, Hkv, ...]
+    updated in place. False (nothing done) where it does not apply: use the torch code."""
+    if not _eager_cpu(keys[0], values[0], n, mu_k, mu_v, C):  # every layer's cache: one dtype, contiguous (KVCache)
+        return False
+    L, S, D = len(keys), pos.shape[-1], keys[0].shape[-1]
+    caps = torch.tensor([k.shape[2] for k in keys])
+    layer_ptrs = ctypes.c_void_p * L
+    slots, pos = slots.contiguous(), pos.contiguous()
+    _lib.absorb_slots(L, n[0].numel(), S, D, caps.data_ptr(), slots.data_ptr(), layer_ptrs(*[k.data_ptr() for k in keys]),
+                      layer_ptrs(*[v.data_ptr() for v in values]), pos.data_ptr(), n.data_ptr(), mu_k.data_ptr(),
+                      mu_v.data_ptr(), C.data_ptr(), torch.get_num_threads())
+    return True
+
+
+def choose_victim(scores, pos, pool_from, pool_budget):
+    """policies.base.choose_victim with the pool = the valid slots holding a position >= pool_from [B],
+    in one C pass (decode_kernel.c), eager only: [..., B, Hkv, S] -> [..., B, Hkv]. None where it does
+    not apply: use the torch code."""
+    if not _eager_cpu(scores):
+        return None
+    B, Hkv, S = scores.shape[-3:]
+    pos, pool_from, pool_budget = pos.contiguous(), pool_from.contiguous(), pool_budget.contiguous()
+    victim = torch.empty(scores.shape[:-1], dtype=torch.long)
+    _lib.choose_victim(victim.numel(), B, Hkv, S, scores.data_ptr(), pos.data_ptr(), pool_from.data_ptr(),
+                       pool_budget.data_ptr(), victim.data_ptr(), torch.get_num_threads())
+    return victim
