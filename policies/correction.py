@@ -203,6 +203,7 @@ class Correction(nn.Module):
 
     def __init__(self, apply: bool = True, count_in_budget: bool = False):
         super().__init__()
+        self._views = None  # each layer's (n, mu_k, mu_v, C), views of the buffers (allocate)
         self.apply_nc = apply
         self.count_in_budget = count_in_budget
 
@@ -214,16 +215,15 @@ class Correction(nn.Module):
         self.register_buffer("mu_k", torch.zeros(shape + (head_dim,), **f32), persistent=False)
         self.register_buffer("mu_v", torch.zeros(shape + (head_dim,), **f32), persistent=False)
         self.register_buffer("C", torch.zeros(shape + (head_dim, head_dim), **f32), persistent=False)
+        self._views = [(self.n[i], self.mu_k[i], self.mu_v[i], self.C[i]) for i in range(num_layers)]
 
     def reset(self):
         for b in (self.n, self.mu_k, self.mu_v, self.C):
             b.zero_()
 
     def moments(self, layer: int) -> Moments:
-        if not torch.compiler.is_compiling():  # eager: views made once (every update is in place)
-            if getattr(self, "_views", None) is None or self._views[0] is not self.n:
-                self._views = (self.n, [(self.n[i], self.mu_k[i], self.mu_v[i], self.C[i]) for i in range(len(self.n))])
-            return self._views[1][layer]
+        if self._views is not None and not torch.compiler.is_compiling():  # eager: views made once (updates are in place)
+            return self._views[layer]
         return self.n[layer], self.mu_k[layer], self.mu_v[layer], self.C[layer]
 
     def _store(self, layer: int, m: Moments):

@@ -16,7 +16,7 @@ from policies.correction import Correction, batch_moments, nc_attention
 from policies.momentkv import mi_cost_decode
 from policies.momentum import STATIONARY, momentum_update
 from tinyengine import fused
-from tinyengine.attention import reference_attention
+from tinyengine.attention import attention, reference_attention
 from tinyengine.engine import Engine
 
 from test_engine import prompts_of, tiny_pair
@@ -54,6 +54,7 @@ def test_plain_attention_equals_reference(shape):
     out, probs, score = fused.decode_attention(q, k, v, q_pos, kv_pos, want_probs=True)
     ref_out, ref_probs = reference_attention(q, k, v, q_pos[:, None], kv_pos)
     close(out, ref_out)
+    close(attention(q, k, v, q_pos[:, None], kv_pos, backend="fused"), ref_out)  # the backend's name
     close(probs, ref_probs)
     assert score is None and torch.equal(probs == 0, ref_probs == 0)  # invisible slots get exactly 0
 

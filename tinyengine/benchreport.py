@@ -391,8 +391,10 @@ def section_flatcost(d: dict, img: Path) -> str:
                 "The cost of a decode step follows the cache a policy holds, not the context: full holds the whole "
                 f"context, every policy {budget} entries per kv head. `vs full` compares each policy with full holding "
                 f"the same {budget} tokens (context {budget}), {timing}"
-                + ": the policy's own overhead. transformers and kvpress "
-                "(SnapKVPress at the ratio that keeps the same budget) decode on their DynamicCache in the same run.", ""]
+                + ": the policy's own overhead. Modes: eager is the engine's default CPU decode (in float32 its fused "
+                "kernels, tinyengine/fused.py, when they build), compiled is `torch.compile` of the torch code. "
+                "transformers and kvpress (SnapKVPress at the ratio that keeps the same budget) decode on their "
+                "DynamicCache in the same run.", ""]
         contexts = sorted({r["context"] for r in ctx})
         keys = list(dict.fromkeys((r["engine"], r["method"], r["mode"]) for r in ctx))
         by = {(r["engine"], r["method"], r["mode"], r["context"]): r for r in ctx}

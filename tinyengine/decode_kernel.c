@@ -132,15 +132,15 @@ static void attend_head(Head *h, int64_t bh, int64_t G, int64_t S, int64_t D, fl
         for (int64_t g = 0; g < G; ++g) rows_dot(qh + g * D, kh + i0 * D, m, D, 0, p + g * S + i0);
     }
     for (int64_t g = 0; g < G; ++g) {
-        float *pg = p + g * S, mx = top[g];
+        float *pg = p + g * S, *lg = h->logit ? h->logit + g * S : pg, mx = top[g];  /* the score keeps the logits */
 #pragma omp simd reduction(max : mx)
         for (int64_t i = 0; i < S; ++i) {
-            pg[i] = valid[i] ? pg[i] * tau : -INFINITY;
-            mx = pg[i] > mx ? pg[i] : mx;
+            const float l = valid[i] ? pg[i] * tau : -INFINITY;
+            pg[i] = lg[i] = l;
+            mx = l > mx ? l : mx;
         }
         top[g] = mx;
     }
-    if (h->logit) memcpy(h->logit, p, sizeof(float) * G * S);
     for (int64_t g = 0; g < G; ++g) {  /* softmax over the slots and the virtual slot together */
         float *pg = p + g * S, z = 0.0f;
         const float m = top[g];
@@ -182,14 +182,12 @@ static void score_head(const Head *h, int64_t G, int64_t S, int64_t D, const flo
         const int64_t m = S - i0 < 64 ? S - i0 : 64;
         for (int64_t g = 0; g < G; ++g) rows_dot(oh + g * D, vh + i0 * D, m, D, 1, dist + g * S + i0);
     }
-    for (int64_t g = 0; g < G; ++g)
-        for (int64_t i = 0; i < S; ++i) dist[g * S + i] *= valid[i];
     for (int64_t i = 0; i < S; ++i) sh[i] = 0.0f;
     for (int64_t g = 0; g < G; ++g) {
         const float *pg = h->p + g * S, *lg = h->logit + g * S, *dg = dist + g * S;
         float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-        for (int64_t i = 0; i < S; ++i) total += dg[i];
+        for (int64_t i = 0; i < S; ++i) total += dg[i] * valid[i];
         float r = total / (h->count > 0 ? h->count : 1.0f);
         r = r > 1e-20f ? r : 1e-20f;
         /* MI's weight p_i - pbar (1 + x_i), x_i = l_i - lbar; 0 while nothing is evicted */
