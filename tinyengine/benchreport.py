@@ -416,7 +416,7 @@ def section_flatcost(d: dict, img: Path) -> str:
                 worst.setdefault(mode, []).append((x, m))
         for mode, xs in worst.items():
             met = [m for x, m in xs if x >= 0.95]
-            missed = [f"{m} {x:.2f}x" for x, m in sorted(xs) if x < 0.95]
+            missed = [f"{m} {x:.3f}x" for x, m in sorted(xs) if x < 0.95]
             out += [f"Target (issue 4), {mode}: every policy at {contexts[-1]} tokens at least 0.95x full holding {budget} "
                     f"(overhead at most 5%): met by {len(met)} of {len(xs)}" + (f"; not by {', '.join(missed)}." if missed else "."), ""]
         series = {}
