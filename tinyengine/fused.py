@@ -101,23 +101,6 @@ def usable_for(device, dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype == torch.float32 and available()
 
 
-def _run(q, k, v, kv_pos, q_pos, n, mu_k, mu_v, C, want_probs: bool, want_score: bool, mi_weight: float):
-    B, Hq, _, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    out = torch.empty(B, Hq, 1, D)
-    probs = torch.empty(B, Hq, 1, S) if want_probs else None
-    score = torch.empty(B, Hkv, S) if want_score else None
-    inputs = [t if t.is_contiguous() else t.contiguous() for t in (q, k, v, kv_pos, q_pos)]
-    if n is not None:
-        inputs += [t if t.is_contiguous() else t.contiguous() for t in (n, mu_k, mu_v, C)]
-    failed = _lib.decode_attention(B, Hkv, Hq // Hkv, S, D, *[t.data_ptr() for t in inputs], *([None] * (9 - len(inputs))),
-                                   out.data_ptr(), probs.data_ptr() if want_probs else None,
-                                   score.data_ptr() if want_score else None, mi_weight, torch.get_num_threads())
-    if failed:
-        raise MemoryError("tinyengine's fused decode kernel could not allocate its scratch")
-    return out, probs, score
-
-
 def decode_attention(q, k, v, q_pos, kv_pos, moments=None, want_probs=False, mi_weight=None):
     """q [B, Hq, 1, D], k, v [B, Hkv, S, D], q_pos [B], kv_pos [B, Hkv, S]; moments: one layer's
     (n, mu_k, mu_v, C) for NC, or None. mi_weight: also MomentKV's per-slot score (needs moments).
@@ -126,9 +109,18 @@ def decode_attention(q, k, v, q_pos, kv_pos, moments=None, want_probs=False, mi_
         raise ValueError(f"the fused decode kernel takes one float32 CPU query per head (got {list(q.shape)} {q.dtype} on {q.device})")
     if torch.compiler.is_compiling():
         raise RuntimeError("the fused decode kernel runs eager; a compiled step fuses the torch code (decode backend reference)")
-    n, mu_k, mu_v, C = moments if moments is not None else (None,) * 4
-    return _run(q, k, v, kv_pos, q_pos, n, mu_k, mu_v, C, want_probs, mi_weight is not None,
-                0.0 if mi_weight is None else float(mi_weight))
+    B, Hq, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.empty(B, Hq, 1, D)
+    probs = torch.empty(B, Hq, 1, S) if want_probs else None
+    score = torch.empty(B, Hkv, S) if mi_weight is not None else None
+    inputs = [t.contiguous() for t in (q, k, v, kv_pos, q_pos, *(moments or ()))]  # (held here: the kernel reads them)
+    pointers = [t.data_ptr() for t in inputs] + [None] * (9 - len(inputs))  # no moments: NULL
+    failed = _lib.decode_attention(B, Hkv, Hq // Hkv, S, D, *pointers, out.data_ptr(), None if probs is None else probs.data_ptr(),
+                                   None if score is None else score.data_ptr(), float(mi_weight or 0.0), torch.get_num_threads())
+    if failed:
+        raise MemoryError("tinyengine's fused decode kernel could not allocate its scratch")
+    return out, probs, score
 
 
 def momentum_scores(s, a, written, beta: float, age=None, pos=None, recent=None, protect: float = 1e30):
