@@ -114,8 +114,9 @@ class Policy(nn.Module):
     def fused_score(self, correction):
         """How the fused CPU decode kernel (tinyengine/fused.py) serves this policy. None: it computes
         attention (and the probabilities, if `needs_probs`) as usual; a float w: it also computes the
-        policy's per-slot decode score with MI weight w, which `observe` gets as `score` (momentkv);
-        False: not at all, the torch path (the policy reads what only that path gives)."""
+        policy's per-slot decode observation with MI weight w, every layer's into one [L, B, Hkv, S]
+        buffer that `score_step` gets as `observed` (observe is not called; momentkv); False: not at
+        all, the torch path (the policy reads what only that path gives)."""
         return None
 
     # ---- a decode step scored once for every layer (scores_at_step_end)

@@ -103,9 +103,10 @@ policies/correction.py implement.
    products) plus the layer's output and new value, working memory of the step. Cost against
    full: BENCHMARKS.md, decode speed against context length.
    On a CPU in float32 all of it runs fused (tinyengine/decode_kernel.c, the engine's default
-   decode backend there): the attention kernel returns, per layer, the per-slot
+   decode backend there): the attention kernel writes, per layer, the per-slot
    a_i + mi_weight c_i averaged over the kv head's query group (`fused_score`; ||v_i - o||^2
-   computed directly, not expanded), and `score_step` updates the momentum, the ages and the
+   computed directly, not expanded) into the engine's [L, B, Hkv, S] step buffer (nothing is
+   kept or stacked), and `score_step` updates the momentum, the ages and the
    recent window for every layer in one C pass (fused.momentum_scores). This code is its
    reference (tests/test_fused.py), and the path when compiled, on CUDA, or per_kv_head=False.
 
@@ -381,8 +382,8 @@ class MomentKV(Policy):
         return torch.where(base >= PROTECT, base, base + self.mi_weight * cost)
 
     def decode_scores(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None,
-                      value=None, score=None):
-        self.observe(layer, probs, pos, written, query, out, cache, moments, attn_scores, value, score)
+                      value=None):
+        self.observe(layer, probs, pos, written, query, out, cache, moments, attn_scores, value)
         return self.score_step(layer, pos, written, moments)
 
     # The engine calls observe at every layer and score_step once for all layers (layer = slice(None)):
@@ -398,14 +399,10 @@ class MomentKV(Policy):
         return self.mi_weight if self.per_kv_head else False  # the kernel averages per kv head only
 
     def observe(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None,
-                value=None, score=None):
+                value=None):
         """Keep what this layer's attention gives the step's scoring (per-layer work: what needs the cache).
-        value [B, Hkv, 1, D]: the new token's, written into slot `written`. score [B, Hkv, S]: the
-        fused kernel's head_mean(p) + mi_weight head_mean(c) (tinyengine/fused.py), all the step needs."""
+        value [B, Hkv, 1, D]: the new token's, written into slot `written`."""
         B, Hkv, S = pos.shape
-        if score is not None:
-            self._kept[layer] = (score,)
-            return
         if self._mi_from_nc(moments):
             logits, probs_ext = attn_scores  # [B, Hkv, G, S + 1], the virtual slot last
             o = out.float().view(B, Hkv, -1, out.shape[-1])
@@ -433,11 +430,15 @@ class MomentKV(Policy):
             return x.mean(-2)
         return head_mean(x.flatten(-3, -2), dim=-2).unsqueeze(-2).expand(*x.shape[:-2], x.shape[-1])
 
-    def score_step(self, layer, pos, written, moments=None):
+    def score_step(self, layer, pos, written, moments=None, observed=None):
         """Scores from what observe kept, for one layer (pos [B, Hkv, S], written [B, Hkv]) or for
-        every layer at once (layer = slice(None), pos [L, B, Hkv, S], written [L, B, Hkv])."""
+        every layer at once (layer = slice(None), pos [L, B, Hkv, S], written [L, B, Hkv]).
+        observed [L, B, Hkv, S]: the fused kernel's head_mean(p) + mi_weight head_mean(c) for every
+        layer (`fused_score`; tinyengine/fused.py), in place of what observe keeps."""
         S = pos.shape[-1]
-        if self._mi_from_nc(moments) and len(next(iter(self._kept.values()))) > 1:  # torch path: NC's terms
+        if observed is not None:
+            a = observed[layer]
+        elif self._mi_from_nc(moments):  # torch path: NC's terms
             logits, probs, products, out, value = self._taken(layer, S, slot_columns=(1, 1, 0, None, None))
             norm2 = self.value_norm2[layer][..., :S]  # ||v_i||^2, the new token's first
             norm2.scatter_(-1, written.unsqueeze(-1), torch.linalg.vecdot(value, value).unsqueeze(-1))

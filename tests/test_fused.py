@@ -27,6 +27,9 @@ shapes = st.fixed_dictionaries(dict(
     B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.integers(1, 4), S=st.integers(1, 40),
     D=st.sampled_from([4, 8, 16, 24, 64]),  # 8k: the vector path; others: the scalar one
     seed=st.integers(0, 2**31 - 1)))
+# how many ranges the kernel splits each head's slots into (0: its own choice, 1 below 512 slots);
+# ranges are cut on multiples of 8, so with few slots some are empty
+parts = st.sampled_from([0, 1, 2, 3, 5])
 
 
 def random_step(B, Hkv, G, S, D, seed):
@@ -48,10 +51,10 @@ def close(a, b, atol=2e-6, rtol=2e-5):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
-@given(shape=shapes)
-def test_plain_attention_equals_reference(shape):
+@given(shape=shapes, parts=parts)
+def test_plain_attention_equals_reference(shape, parts):
     q, k, v, q_pos, kv_pos, _ = random_step(**shape)
-    out, probs, score = fused.decode_attention(q, k, v, q_pos, kv_pos, want_probs=True)
+    out, probs, score = fused.decode_attention(q, k, v, q_pos, kv_pos, want_probs=True, parts=parts)
     ref_out, ref_probs = reference_attention(q, k, v, q_pos[:, None], kv_pos)
     close(out, ref_out)
     close(attention(q, k, v, q_pos[:, None], kv_pos, backend="fused"), ref_out)  # the backend's name
@@ -59,17 +62,18 @@ def test_plain_attention_equals_reference(shape):
     assert score is None and torch.equal(probs == 0, ref_probs == 0)  # invisible slots get exactly 0
 
 
-@given(shape=shapes)
-def test_nc_attention_equals_torch(shape):
+@given(shape=shapes, parts=parts)
+def test_nc_attention_equals_torch(shape, parts):
     q, k, v, q_pos, kv_pos, moments = random_step(**shape)
-    out, probs, _ = fused.decode_attention(q, k, v, q_pos, kv_pos, moments, want_probs=True)
+    out, probs, _ = fused.decode_attention(q, k, v, q_pos, kv_pos, moments, want_probs=True, parts=parts)
+    close(fused.decode_attention(q, k, v, q_pos, kv_pos, moments, parts=parts)[0], out)  # the output alone (no rescaling pass)
     ref_out, ref_probs, _, _ = nc_attention(q, k, v, q_pos[:, None], kv_pos, moments)
     close(out, ref_out)
     close(probs, ref_probs)
 
 
-@given(shape=shapes, mi_weight=st.sampled_from([0.0, 1.0, 2.5]))
-def test_momentkv_score_equals_torch(shape, mi_weight):
+@given(shape=shapes, mi_weight=st.sampled_from([0.0, 1.0, 2.5]), parts=parts)
+def test_momentkv_score_equals_torch(shape, mi_weight, parts):
     """The kernel's per-slot score: head_mean(p) + mi_weight head_mean(c), c MomentKV's MI cost as
     mi_cost_decode computes it from nc_attention's scores (policies/momentkv.py, MomentKV.score_step)."""
     q, k, v, _, _, moments = random_step(**shape)
@@ -78,7 +82,10 @@ def test_momentkv_score_equals_torch(shape, mi_weight):
     kv_pos = torch.randint(-1, S, (B, Hkv, S), generator=g)  # at decode every held slot is visible
     kv_pos[..., 0] = 0
     q_pos = torch.full((B,), S)
-    out, _, score = fused.decode_attention(q, k, v, q_pos, kv_pos, moments, mi_weight=mi_weight)
+    wide = torch.full((B, Hkv, S + 3), float("nan"))  # a smaller layer's view of the engine's step buffer
+    out, _, score = fused.decode_attention(q, k, v, q_pos, kv_pos, moments, mi_weight=mi_weight, score_out=wide[..., :S],
+                                           parts=parts)
+    assert score.data_ptr() == wide.data_ptr() and wide[..., S:].isnan().all()  # written in place, in its columns only
     _, _, _, (logits, probs) = nc_attention(q, k, v, q_pos[:, None], kv_pos, moments)
     o = out.view(B, Hkv, -1, D)
     # ||v_i - o||^2 directly (as the kernel), not expanded as value_distances does for the torch path: the
@@ -157,7 +164,8 @@ def tiny():
 
 @pytest.mark.parametrize("spec, options", [("full", {}), ("h2o", {"budget": 24}), ("tova", {"budget": 24}),
                                            ("momentkv", {"budget": 24}), ("snapkv+momentum", {"budget": 34, "decode_budget": 8}),
-                                           ("h2o", {"budget": 24, "correction": "nc"})])
+                                           ("h2o", {"budget": 24, "correction": "nc"}),
+                                           ("pyramidkv+momentkv", {"budget": 34, "decode_budget": 8})])
 def test_engine_fused_equals_reference(tiny, spec, options):
     """The engine with the kernels (default on a CPU) against the torch path: the same tokens over
     a generation that evicts at every step, and logits to float rounding."""

@@ -4,7 +4,7 @@
      decode_attention  a decode step's attention over a layer's cache slots: reference_attention
                        (tinyengine/attention.py), nc_attention (policies/correction.py) and
                        MomentKV's per-slot decode score (policies/momentkv.py, mi_cost_decode), in
-                       one pass per kv head instead of a dozen torch ops per layer;
+                       one pass over the keys and values instead of a dozen torch ops per layer;
      momentum_scores, absorb_slots, choose_victim   the step-end work over every layer at once.
 
    decode_attention.
@@ -21,8 +21,10 @@
 
    Layouts (contiguous): q, out [B, Hkv, G, D]; k, v [B, Hkv, S, D]; pos [B, Hkv, S] int64;
    qpos [B] int64; n [B, Hkv]; mu_k, mu_v [B, Hkv, D]; C [B, Hkv, D, D]; probs [B, Hkv, G, S]
-   (the retained slots' probabilities; NULL: not wanted); score [B, Hkv, S] (NULL: not wanted).
-   n == NULL: no moments (plain attention). Work is split over the B * Hkv heads. */
+   (the retained slots' probabilities; NULL: not wanted); score: B * Hkv rows of S, row bh at
+   score + bh * score_stride (a layer's view of the engine's [L, B, Hkv, S_max] buffer; NULL: not wanted).
+   n == NULL: no moments (plain attention). parts: how many ranges each head's slots are split into
+   (0: chosen here, slot_parts). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -99,130 +101,243 @@ static inline float exp_nonpositive(float x) {
     return x > -87.0f ? p * scale : 0.0f;
 }
 
-/* Scratch of one (b, h): per-query scalars, the slots' validity (and their count), the G x S
-   probabilities unless `probs` holds them; for the score, the G x S logits and distances. */
-typedef struct {
-    float *top, *virt, *w, *cq, *valid, *p, *logit, *dist, count;
+/* Work: each (b, h) is split into `parts` ranges of its slots (flash-decoding), so that the
+   B * Hkv heads keep every thread busy (SmolLM2's 3 kv heads on 2 threads would leave one idle a
+   third of the time). Four loops over one thread team, each part on the same thread in each (the
+   same static schedule), so a part's keys and values stay in that core's cache:
+     1. per part: validity, logits, e^{l - top} against the part's own maximum `top`, their sum z
+        and the unnormalized output sum_i e^{l_i - top} v_i;
+     2. per head: the parts merged with the virtual slot (each rescaled by e^{top - max} / Z),
+        the output, NC's first-order term;
+     3. per part (probabilities or score wanted): the probabilities rescaled likewise, and for
+        the score ||v_i - o_g||^2 and its partial sum over the part's valid slots;
+     4. per part (score): the score. */
+
+typedef struct {  /* one (b, h), over its S slots */
+    float *valid, *p, *logit, *dist, *virt, *w, *cq, *count;
 } Head;
 
-static Head head_scratch(float *base, int64_t bh, int64_t G, int64_t S, int64_t D, float *probs, int score) {
+typedef struct {  /* one part of a head's slots, [i0, i1): per query head its top, z, scale, the
+                     partial distance sum (total), and the unnormalized output o [G, D] */
+    int64_t i0, i1;
+    float *top, *z, *scale, *total, *o, *count;
+} Part;
+
+static int64_t head_floats(int64_t G, int64_t S, int64_t D, const float *probs, const float *score) {
+    return S + (probs ? 0 : G * S) + (score ? 2 * G * S : 0) + 2 * G + D + 1;
+}
+
+static Head head_at(float *base, int64_t bh, int64_t G, int64_t S, float *probs, int score) {
     Head h;
-    h.top = base, h.virt = base + G, h.w = base + 2 * G, h.cq = base + 3 * G, h.valid = base + 3 * G + D;
-    h.p = probs ? probs + bh * G * S : h.valid + S;
-    h.logit = score ? h.valid + S + (probs ? 0 : G * S) : NULL;
-    h.dist = score ? h.logit + G * S : NULL;
-    h.count = 0.0f;
+    h.valid = base, base += S;
+    if (probs) h.p = probs + bh * G * S;
+    else h.p = base, base += G * S;
+    h.logit = score ? base : NULL, base += score ? G * S : 0;
+    h.dist = score ? base : NULL, base += score ? G * S : 0;
+    h.virt = base, h.w = base + G, h.count = base + 2 * G, h.cq = base + 2 * G + 1;
     return h;
 }
 
-/* Attention of one (b, h): logits, softmax with the virtual slot, output (+ NC's first-order term). */
-static void attend_head(Head *h, int64_t bh, int64_t G, int64_t S, int64_t D, float tau, const float *qh,
-                        const float *kh, const float *vh, const int64_t *ph, int64_t now, float nn, float log_n,
-                        const float *mu_k, const float *mu_v, const float *C, float *oh) {
-    float *valid = h->valid, *p = h->p, *top = h->top, *virt = h->virt, *w = h->w;
-    float count = 0.0f;
-    for (int64_t i = 0; i < S; ++i) count += (valid[i] = ph[i] >= 0 && ph[i] <= now);
-    h->count = count;
-    for (int64_t g = 0; g < G; ++g) {
-        virt[g] = nn > 0 ? tau * dot(qh + g * D, mu_k + bh * D, D) + log_n : -INFINITY;
-        top[g] = virt[g];
+static Part part_at(float *base, int64_t c, int64_t parts, int64_t G, int64_t S) {
+    Part t;  /* boundaries on multiples of 8 (rows_dot's blocks); a part may be empty */
+    t.i0 = (S * c / parts) & ~(int64_t)7;
+    t.i1 = c + 1 == parts ? S : (S * (c + 1) / parts) & ~(int64_t)7;
+    t.top = base, t.z = base + G, t.scale = base + 2 * G, t.total = base + 3 * G, t.count = base + 4 * G;
+    t.o = base + 4 * G + 1;
+    return t;
+}
+
+/* How many parts per head: 1 when the heads already spread evenly (or the slots are few: each
+   loop ends in a barrier), else the fewest that make B * Hkv * parts a multiple of the threads. */
+static int64_t slot_parts(int64_t BH, int64_t S, int threads) {
+    if (threads <= 1 || BH % threads == 0 || BH >= 4 * threads || S < 512) return 1;
+    for (int64_t c = 2; c < threads; ++c)
+        if (BH * c % threads == 0) return c;
+    return threads;
+}
+
+/* 1. A part's logits, exponentials against its own maximum, their sum and its unnormalized output. */
+static void attend_part(const Head *h, Part *t, int64_t G, int64_t S, int64_t D, float tau, const float *qh,
+                        const float *kh, const float *vh, const int64_t *ph, int64_t now) {
+    const int64_t i0 = t->i0, i1 = t->i1;
+    float *valid = h->valid, count = 0.0f;
+    for (int64_t i = i0; i < i1; ++i) count += (valid[i] = ph[i] >= 0 && ph[i] <= now);
+    *t->count = count;
+    for (int64_t b0 = i0; b0 < i1; b0 += 64) {  /* keys read once from memory, in blocks of 64 for all G */
+        const int64_t m = i1 - b0 < 64 ? i1 - b0 : 64;
+        for (int64_t g = 0; g < G; ++g) rows_dot(qh + g * D, kh + b0 * D, m, D, 0, h->p + g * S + b0);
     }
-    for (int64_t i0 = 0; i0 < S; i0 += 64) {  /* logits: keys read once from memory, in blocks of 64 for all G */
-        const int64_t m = S - i0 < 64 ? S - i0 : 64;
-        for (int64_t g = 0; g < G; ++g) rows_dot(qh + g * D, kh + i0 * D, m, D, 0, p + g * S + i0);
-    }
     for (int64_t g = 0; g < G; ++g) {
-        float *pg = p + g * S, *lg = h->logit ? h->logit + g * S : pg, mx = top[g];  /* the score keeps the logits */
-#pragma omp simd reduction(max : mx)
-        for (int64_t i = 0; i < S; ++i) {
+        float *pg = h->p + g * S, *lg = h->logit ? h->logit + g * S : pg, top = -INFINITY, z = 0.0f;  /* the score keeps the logits */
+#pragma omp simd reduction(max : top)
+        for (int64_t i = i0; i < i1; ++i) {
             const float l = valid[i] ? pg[i] * tau : -INFINITY;
             pg[i] = lg[i] = l;
-            mx = l > mx ? l : mx;
+            top = l > top ? l : top;
         }
-        top[g] = mx;
-    }
-    for (int64_t g = 0; g < G; ++g) {  /* softmax over the slots and the virtual slot together */
-        float *pg = p + g * S, z = 0.0f;
-        const float m = top[g];
+        t->top[g] = top;
+        const float m = top > -INFINITY ? top : 0.0f;  /* nothing visible in the part: its exponentials are 0 */
 #pragma omp simd reduction(+ : z)
-        for (int64_t i = 0; i < S; ++i) {
+        for (int64_t i = i0; i < i1; ++i) {
             pg[i] = exp_nonpositive(pg[i] - m);
             z += pg[i];
         }
-        const float e_virt = exp_nonpositive(virt[g] - m);
-        z += e_virt;
-#pragma omp simd
-        for (int64_t i = 0; i < S; ++i) pg[i] /= z;
-        w[g] = e_virt / z;
+        t->z[g] = z;
     }
-    for (int64_t x = 0; x < G * D; ++x) oh[x] = 0.0f;
-    for (int64_t i = 0; i < S; ++i) {  /* output: one read of each value */
+    memset(t->o, 0, sizeof(float) * G * D);
+    for (int64_t i = i0; i < i1; ++i) {  /* output: one read of each value */
         const float *vi = vh + i * D;
         for (int64_t g = 0; g < G; ++g) {
-            const float pgi = p[g * S + i];
-            float *og = oh + g * D;
+            const float pgi = h->p[g * S + i];
+            float *og = t->o + g * D;
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d) og[d] += pgi * vi[d];
         }
     }
+}
+
+/* 2. A head's parts merged with the virtual slot: the softmax's normalizer, each part's scale, the
+   output (+ NC's first-order term). */
+static void merge_head(Head *h, float *part_base, int64_t part_size, int64_t parts, int64_t bh, int64_t G, int64_t S,
+                       int64_t D, float tau, const float *qh, float nn, float log_n, const float *mu_k, const float *mu_v,
+                       const float *C, float *oh) {
+    float count = 0.0f;
+    for (int64_t c = 0; c < parts; ++c) count += *part_at(part_base + c * part_size, c, parts, G, S).count;
+    *h->count = count;
+    for (int64_t g = 0; g < G; ++g) {
+        const float virt = nn > 0 ? tau * dot(qh + g * D, mu_k + bh * D, D) + log_n : -INFINITY;
+        float m = virt, z;
+        for (int64_t c = 0; c < parts; ++c) {
+            const float top = part_at(part_base + c * part_size, c, parts, G, S).top[g];
+            m = top > m ? top : m;
+        }
+        m = m > -INFINITY ? m : 0.0f;
+        z = exp_nonpositive(virt - m);
+        for (int64_t c = 0; c < parts; ++c) {
+            Part t = part_at(part_base + c * part_size, c, parts, G, S);
+            t.scale[g] = exp_nonpositive(t.top[g] - m);  /* (0 for a part with nothing visible) */
+            z += t.z[g] * t.scale[g];
+        }
+        const float inv_z = z > 0.0f ? 1.0f / z : 0.0f;
+        float *og = oh + g * D;
+        memset(og, 0, sizeof(float) * D);
+        for (int64_t c = 0; c < parts; ++c) {
+            Part t = part_at(part_base + c * part_size, c, parts, G, S);
+            t.scale[g] *= inv_z;
+            for (int64_t d = 0; d < D; ++d) og[d] += t.scale[g] * t.o[g * D + d];
+        }
+        h->virt[g] = virt;
+        h->w[g] = exp_nonpositive(virt - m) * inv_z;
+    }
     if (nn > 0) {  /* first-order term: w (mu_v + tau C q), C q as D row dot products */
         for (int64_t g = 0; g < G; ++g) {
             rows_dot(qh + g * D, C + bh * D * D, D, D, 0, h->cq);
-            for (int64_t d = 0; d < D; ++d) oh[g * D + d] += w[g] * (mu_v[bh * D + d] + tau * h->cq[d]);
+            for (int64_t d = 0; d < D; ++d) oh[g * D + d] += h->w[g] * (mu_v[bh * D + d] + tau * h->cq[d]);
         }
     }
 }
 
-/* MomentKV's per-slot score of one (b, h), from its attention (module comment). */
-static void score_head(const Head *h, int64_t G, int64_t S, int64_t D, const float *vh, const float *oh,
-                       float nn, float log_n, float mi_weight, float *sh) {
-    const float *valid = h->valid;
-    float *dist = h->dist;
-    for (int64_t i0 = 0; i0 < S; i0 += 64) {  /* ||v_i - o_g||^2: a second read of the values, from cache */
-        const int64_t m = S - i0 < 64 ? S - i0 : 64;
-        for (int64_t g = 0; g < G; ++g) rows_dot(oh + g * D, vh + i0 * D, m, D, 1, dist + g * S + i0);
-    }
-    for (int64_t i = 0; i < S; ++i) sh[i] = 0.0f;
+/* 3. A part's probabilities (its exponentials rescaled) and, for the score, ||v_i - o_g||^2 (a
+   second read of the part's values, from this core's cache) and their sum over its valid slots. */
+static void finish_part(const Head *h, Part *t, int64_t G, int64_t S, int64_t D, const float *vh, const float *oh) {
+    const int64_t i0 = t->i0, i1 = t->i1;
     for (int64_t g = 0; g < G; ++g) {
-        const float *pg = h->p + g * S, *lg = h->logit + g * S, *dg = dist + g * S;
+        float *pg = h->p + g * S;
+        const float f = t->scale[g];
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) pg[i] *= f;
+    }
+    if (!h->dist) return;
+    for (int64_t b0 = i0; b0 < i1; b0 += 64) {
+        const int64_t m = i1 - b0 < 64 ? i1 - b0 : 64;
+        for (int64_t g = 0; g < G; ++g) rows_dot(oh + g * D, vh + b0 * D, m, D, 1, h->dist + g * S + b0);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        const float *dg = h->dist + g * S;
         float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-        for (int64_t i = 0; i < S; ++i) total += dg[i] * valid[i];
-        float r = total / (h->count > 0 ? h->count : 1.0f);
+        for (int64_t i = i0; i < i1; ++i) total += dg[i] * h->valid[i];
+        t->total[g] = total;
+    }
+}
+
+/* 4. MomentKV's per-slot score over a part (module comment). */
+static void score_part(const Head *h, const Part *t, float *part_base, int64_t part_size, int64_t parts, int64_t G,
+                       int64_t S, float nn, float log_n, float mi_weight, float *sh) {
+    const int64_t i0 = t->i0, i1 = t->i1;
+    const float *valid = h->valid;
+    for (int64_t i = i0; i < i1; ++i) sh[i] = 0.0f;
+    for (int64_t g = 0; g < G; ++g) {
+        const float *pg = h->p + g * S, *lg = h->logit + g * S, *dg = h->dist + g * S;
+        float total = 0.0f;
+        for (int64_t c = 0; c < parts; ++c) total += part_at(part_base + c * part_size, c, parts, G, S).total[g];
+        float r = total / (*h->count > 0 ? *h->count : 1.0f);
         r = r > 1e-20f ? r : 1e-20f;
         /* MI's weight p_i - pbar (1 + x_i), x_i = l_i - lbar; 0 while nothing is evicted */
         const float pbar = nn > 0 ? h->w[g] / nn : 0.0f, lbar = nn > 0 ? h->virt[g] - log_n : 0.0f;
         const float on = nn > 0 ? mi_weight : 0.0f;
 #pragma omp simd
-        for (int64_t i = 0; i < S; ++i) {
+        for (int64_t i = i0; i < i1; ++i) {
             float weight = pg[i] - pbar * (1.0f + (valid[i] ? lg[i] : 0.0f) - lbar);
             weight = weight > 0.0f ? weight : 0.0f;
             const float ratio = dg[i] / r;
             sh[i] += pg[i] + on * valid[i] * weight * sqrtf(ratio > 0.0f ? ratio : 0.0f);
         }
     }
-    for (int64_t i = 0; i < S; ++i) sh[i] /= (float)G;
+    for (int64_t i = i0; i < i1; ++i) sh[i] /= (float)G;
 }
 
 int decode_attention(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D,
                      const float *q, const float *k, const float *v, const int64_t *pos, const int64_t *qpos,
                      const float *n, const float *mu_k, const float *mu_v, const float *C,
-                     float *out, float *probs, float *score, float mi_weight, int threads) {
+                     float *out, float *probs, float *score, int64_t score_stride, float mi_weight, int64_t parts,
+                     int threads) {
     const float tau = 1.0f / sqrtf((float)D);
-    const int64_t BH = B * Hkv, per_head = 3 * G + D + S + (probs ? 0 : G * S) + (score ? 2 * G * S : 0);
-    float *scratch = malloc(sizeof(float) * per_head * BH);
+    const int64_t BH = B * Hkv, per_head = head_floats(G, S, D, probs, score), part_size = 4 * G + 1 + G * D;
+    parts = parts > 0 ? parts : slot_parts(BH, S, threads);
+    float *scratch = malloc(sizeof(float) * (per_head + parts * part_size) * BH);
     if (!scratch) return 1;
-    /* One (b, h) per iteration, attention then score: the score's second read of the values finds
-       them in this core's cache. (Handing the scores to whichever thread is free, with 3 kv heads on
-       2 threads, measured no faster: the values are then in the other core's cache.) */
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t bh = 0; bh < BH; ++bh) {
-        Head h = head_scratch(scratch + bh * per_head, bh, G, S, D, probs, score != NULL);
-        const float nn = n ? n[bh] : 0.0f, log_n = logf(nn);  /* -inf when nothing is evicted */
-        attend_head(&h, bh, G, S, D, tau, q + bh * G * D, k + bh * S * D, v + bh * S * D, pos + bh * S,
-                    qpos[bh / Hkv], nn, log_n, mu_k, mu_v, C, out + bh * G * D);
-        if (score) score_head(&h, G, S, D, v + bh * S * D, out + bh * G * D, nn, log_n, mi_weight, score + bh * S);
+    float *part_scratch = scratch + per_head * BH;
+#define HEAD(bh) head_at(scratch + (bh) * per_head, (bh), G, S, probs, score != NULL)
+#define PARTS(bh) (part_scratch + (bh) * parts * part_size)
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t x = 0; x < BH * parts; ++x) {
+            const int64_t bh = x / parts, c = x % parts;
+            Head h = HEAD(bh);
+            Part t = part_at(PARTS(bh) + c * part_size, c, parts, G, S);
+            attend_part(&h, &t, G, S, D, tau, q + bh * G * D, k + bh * S * D, v + bh * S * D, pos + bh * S, qpos[bh / Hkv]);
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < BH; ++bh) {
+            Head h = HEAD(bh);
+            const float nn = n ? n[bh] : 0.0f, log_n = logf(nn);  /* -inf when nothing is evicted */
+            merge_head(&h, PARTS(bh), part_size, parts, bh, G, S, D, tau, q + bh * G * D, nn, log_n, mu_k, mu_v, C,
+                       out + bh * G * D);
+        }
+        if (probs || score) {
+#pragma omp for schedule(static)
+            for (int64_t x = 0; x < BH * parts; ++x) {
+                const int64_t bh = x / parts, c = x % parts;
+                Head h = HEAD(bh);
+                Part t = part_at(PARTS(bh) + c * part_size, c, parts, G, S);
+                finish_part(&h, &t, G, S, D, v + bh * S * D, out + bh * G * D);
+            }
+        }
+        if (score) {
+#pragma omp for schedule(static)
+            for (int64_t x = 0; x < BH * parts; ++x) {
+                const int64_t bh = x / parts, c = x % parts;
+                Head h = HEAD(bh);
+                Part t = part_at(PARTS(bh) + c * part_size, c, parts, G, S);
+                const float nn = n ? n[bh] : 0.0f, log_n = logf(nn);
+                score_part(&h, &t, PARTS(bh), part_size, parts, G, S, nn, log_n, mi_weight, score + bh * score_stride);
+            }
+        }
     }
+#undef HEAD
+#undef PARTS
     free(scratch);
     return 0;
 }

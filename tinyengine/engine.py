@@ -101,6 +101,9 @@ class Engine:
                                   f"(tinyengine/fused.py); this engine is {'compiled, ' if compile else ''}{self.dtype} "
                                   f"on {self.device}: choose reference, sdpa or flex")
         self._fused_score = self.plan.decode.fused_score(self.plan.correction) if self.plan.decode is not None else None
+        # The kernel computes the policy's per-slot observation itself (momentkv) and writes it into
+        # step_scores, read at the step's end: nothing to keep per layer, nothing to stack
+        self._kernel_scores = self._fused_decode and self._fused_score is not None and self._fused_score is not False
         self.decode_step = torch.compile(self._decode_step, fullgraph=True, dynamic=False) if compile else self._decode_step
         nc = self.plan.correction
         if nc is not None and nc.count_in_budget:  # the moments' memory, in cache slots, comes off the budget
@@ -128,6 +131,7 @@ class Engine:
         self.caches = [KVCache(batch, a.num_kv_heads, cap, a.head_dim, self.dtype, self.device, pos=self.pos[i, :, :, :cap])
                        for i, cap in enumerate(caps)]
         self.layer_keys, self.layer_values = [c.k for c in self.caches], [c.v for c in self.caches]  # (looked up once)
+        self.layer_scores = [self.step_scores[i, :, :, :cap] for i, cap in enumerate(caps)]
         self.next_slot = torch.zeros(a.num_layers, batch, a.num_kv_heads, dtype=torch.long, device=self.device)
         self.prompt_len = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.pool_budget = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -298,7 +302,9 @@ class Engine:
             self.next_slot.copy_(first_free_slot(self.pos))
             return
         scores = self.step_scores
-        if plan.decode.scores_at_step_end:  # every layer scored at once (policies/base.py)
+        if self._kernel_scores:  # the kernel wrote every layer's observation (Policy.fused_score)
+            scores = plan.decode.score_step(slice(None), self.pos, self.next_slot, plan.correction, observed=scores)
+        elif plan.decode.scores_at_step_end:  # every layer scored at once (policies/base.py)
             scores = plan.decode.score_step(slice(None), self.pos, self.next_slot, plan.correction)
         pool_from = self.prompt_len * 0 if plan.unified else self.prompt_len  # the pool: positions from here on
         victim = fused.choose_victim(scores, self.pos, pool_from, self.pool_budget)  # [L, B, Hkv]; eager CPU: one C pass
@@ -316,13 +322,17 @@ class Engine:
             slot = self.next_slot[layer]
             cache.write(slot, k[:, :, 0], v[:, :, 0], pos)
             policy, nc = plan.decode, plan.correction
-            need, scores, score = policy is not None and policy.needs_probs, None, None
+            need, scores = policy is not None and policy.needs_probs, None
             mi_weight = self._fused_score
             if self._fused_decode and mi_weight is not False and self.shared_slots[layer] == 0:
                 # One pass per kv head: attention, NC when it applies, and the probabilities or, for a
-                # policy whose decode score the kernel computes (momentkv), that score
+                # policy whose decode observation the kernel computes (momentkv), that, into step_scores
+                # (with a correction, as that policy has, shared_slots is 0: every layer comes here)
                 moments = nc.moments(layer) if nc is not None and nc.apply_nc else None
-                out, probs, score = fused.decode_attention(q, cache.k, cache.v, pos, cache.pos, moments, need and mi_weight is None, mi_weight)
+                out, probs, _ = fused.decode_attention(q, cache.k, cache.v, pos, cache.pos, moments, need and mi_weight is None,
+                                                       mi_weight, self.layer_scores[layer] if self._kernel_scores else None)
+                if self._kernel_scores:
+                    return out
             elif nc is not None:  # NC (or, for MI alone, plain attention): policies/correction.py
                 out, probs, scores = nc.attention(layer, q, cache.k, cache.v, pos[:, None], cache.pos, self.decode_backend, need)
             elif need or self.decode_backend in ("reference", "fused"):
@@ -331,9 +341,7 @@ class Engine:
                 out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
             if policy is not None:  # its scores wait for the end of the step (_free_slots)
                 probs = None if probs is None else probs[:, :, 0]
-                if score is not None:  # the kernel's per-slot score is all the policy reads
-                    extra = {"score": score}
-                elif getattr(policy, "needs_query", False):
+                if getattr(policy, "needs_query", False):
                     extra = dict(query=q, out=out, cache=cache, moments=nc, attn_scores=scores, value=v)
                 else:
                     extra = {}

@@ -1,5 +1,6 @@
 """The fused CPU decode kernels (tinyengine/decode_kernel.c): a decode step's attention over a
-layer's cache slots in one pass per kv head, with NC's virtual slot and MomentKV's per-slot score;
+layer's cache slots in one pass over its keys and values, with NC's virtual slot and MomentKV's
+per-slot score (each head's slots split in ranges when that keeps every thread busy);
 and, once per step for every layer, MomentKV's score update, the moments' update and the victim choice.
 
 Why: an eager decode step on a CPU pays per torch op (5 to 20 us each), and attention over the
@@ -37,7 +38,7 @@ SOURCE = Path(__file__).with_name("decode_kernel.c")
 _lib = None  # the loaded kernels (ctypes), False once building them failed
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 SIGNATURES = {  # decode_kernel.c's functions: argument types
-    "decode_attention": [_i64] * 5 + [_ptr] * 12 + [_f32, _int],
+    "decode_attention": [_i64] * 5 + [_ptr] * 12 + [_i64, _f32, _i64, _int],
     "momentum_scores": [_i64] * 4 + [_ptr] * 6 + [_f32] * 2 + [_ptr, _int],
     "absorb_slots": [_i64] * 4 + [_ptr] * 9 + [_int],
     "choose_victim": [_i64] * 4 + [_ptr] * 5 + [_int],
@@ -101,9 +102,12 @@ def usable_for(device, dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype == torch.float32 and available()
 
 
-def decode_attention(q, k, v, q_pos, kv_pos, moments=None, want_probs=False, mi_weight=None):
+def decode_attention(q, k, v, q_pos, kv_pos, moments=None, want_probs=False, mi_weight=None, score_out=None, parts=0):
     """q [B, Hq, 1, D], k, v [B, Hkv, S, D], q_pos [B], kv_pos [B, Hkv, S]; moments: one layer's
-    (n, mu_k, mu_v, C) for NC, or None. mi_weight: also MomentKV's per-slot score (needs moments).
+    (n, mu_k, mu_v, C) for NC, or None. mi_weight: also MomentKV's per-slot score (needs moments),
+    written into score_out [B, Hkv, S] if given (its rows may be strided: a layer's view of the
+    engine's [L, B, Hkv, S_max] step buffer, so the step's scores need no stacking). parts: split
+    each head's slots into this many ranges (0: as the threads need to be evenly busy).
     -> (out [B, Hq, 1, D], probs [B, Hq, 1, S] or None, score [B, Hkv, S] or None)."""
     if q.shape[2] != 1 or q.dtype != torch.float32 or k.dtype != torch.float32 or q.device.type != "cpu":
         raise ValueError(f"the fused decode kernel takes one float32 CPU query per head (got {list(q.shape)} {q.dtype} on {q.device})")
@@ -113,11 +117,18 @@ def decode_attention(q, k, v, q_pos, kv_pos, moments=None, want_probs=False, mi_
     Hkv, S = k.shape[1], k.shape[2]
     out = torch.empty(B, Hq, 1, D)
     probs = torch.empty(B, Hq, 1, S) if want_probs else None
-    score = torch.empty(B, Hkv, S) if mi_weight is not None else None
+    score = score_out if mi_weight is not None else None
+    if score is None and mi_weight is not None:
+        score = torch.empty(B, Hkv, S)
+    elif score is not None and (score.shape != (B, Hkv, S) or score.dtype != torch.float32 or score.stride(2) != 1
+                                or score.stride(0) != Hkv * score.stride(1)):
+        raise ValueError(f"score_out must be float32 {[B, Hkv, S]} with evenly strided rows (got {list(score.shape)}, "
+                         f"strides {score.stride()})")
     inputs = [t.contiguous() for t in (q, k, v, kv_pos, q_pos, *(moments or ()))]  # (held here: the kernel reads them)
     pointers = [t.data_ptr() for t in inputs] + [None] * (9 - len(inputs))  # no moments: NULL
     failed = _lib.decode_attention(B, Hkv, Hq // Hkv, S, D, *pointers, out.data_ptr(), None if probs is None else probs.data_ptr(),
-                                   None if score is None else score.data_ptr(), float(mi_weight or 0.0), torch.get_num_threads())
+                                   None if score is None else score.data_ptr(), 0 if score is None else score.stride(1),
+                                   float(mi_weight or 0.0), parts, torch.get_num_threads())
     if failed:
         raise MemoryError("tinyengine's fused decode kernel could not allocate its scratch")
     return out, probs, score
