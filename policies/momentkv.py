@@ -108,7 +108,8 @@ policies/correction.py implement.
    computed directly, not expanded) into the engine's [L, B, Hkv, S] step buffer (nothing is
    kept or stacked), and `score_step` updates the momentum, the ages and the
    recent window for every layer in one C pass (fused.momentum_scores). This code is its
-   reference (tests/test_fused.py), and the path when compiled, on CUDA, or per_kv_head=False.
+   reference (tests/test_fused.py), and the path on CUDA, for other dtypes, or per_kv_head=False.
+   A compiled step on a CPU calls the same kernels as operators (tinyengine/fused.py).
 
 Ablation (the paper's: NC is worth more than MI, and the two are super-additive), all with the
 same base scorer: options {"mi": "none", "nc": False} evict-only, {"mi": "none"} NC alone,

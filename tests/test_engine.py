@@ -130,12 +130,15 @@ def test_policy_machinery_full_equals_no_policy(pair):
     assert Engine(model, make_plan("full")).generate(prompts, 16) == Engine(model, CachePlan()).generate(prompts, 16)
 
 
-def test_compiled_decode_equals_eager_without_recompiles():
+# None: the default on a CPU, the fused kernels as operators (tinyengine/fused.py); reference: the
+# torch code, which is the compiled path on CUDA
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_compiled_decode_equals_eager_without_recompiles(backend):
     import torch._dynamo
 
     _, model = tiny_pair(seed=3)
-    eager = Engine(model)
-    compiled = Engine(model, compile=True)
+    eager = Engine(model, decode_backend=backend)
+    compiled = Engine(model, compile=True, decode_backend=backend)
     for e in (eager, compiled):
         e.setup(2, 96)
     torch._dynamo.reset()
@@ -148,13 +151,16 @@ def test_compiled_decode_equals_eager_without_recompiles():
             assert compiled.generate(batch, 25) == eager.generate(batch, 25)
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize("spec, options", [("full", {}), ("momentkv", {"budget": 1200, "options": {"window": 4}})])
-def test_compiled_decode_writes_the_cache_in_place(spec, options):
+def test_compiled_decode_writes_the_cache_in_place(spec, options, backend):
     """The decode step's cache write must stay in place in the compiled graph. Written as
     scatter_, inductor copied each layer's whole K and V into a temporary and back every step:
     `bench.py speed` read compiled decode at batch 8 and a 4K context at half the eager rate
     (25.7 against 52.5 tok/s, BENCHMARKS.md before this test).
-    Such a copy needs a buffer of the cache's shape, which the generated code would allocate."""
+    Such a copy needs a buffer of the cache's shape, which the generated code would allocate.
+    The fused kernel (the CPU default) is an operator that writes the step's token itself and says
+    so: called after torch ops had written the cache, inductor copied the cache around it."""
     import torch._dynamo
     import torch._inductor.config
     from torch._inductor.utils import run_and_get_code
@@ -162,7 +168,7 @@ def test_compiled_decode_writes_the_cache_in_place(spec, options):
     from policies import make_plan
 
     model = tiny_pair(layers=1, context=2048)[1]
-    engine = Engine(model, make_plan(spec, **options), compile=True)
+    engine = Engine(model, make_plan(spec, **options), compile=True, decode_backend=backend)
     engine.setup(2, 1237)  # a capacity no other buffer shares
     torch._dynamo.reset()
     with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):

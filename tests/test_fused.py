@@ -17,6 +17,7 @@ from policies.momentkv import mi_cost_decode
 from policies.momentum import STATIONARY, momentum_update
 from tinyengine import fused
 from tinyengine.attention import attention, reference_attention
+from tinyengine.cache import KVCache
 from tinyengine.engine import Engine
 
 from test_engine import prompts_of, tiny_pair
@@ -70,6 +71,30 @@ def test_nc_attention_equals_torch(shape, parts):
     ref_out, ref_probs, _, _ = nc_attention(q, k, v, q_pos[:, None], kv_pos, moments)
     close(out, ref_out)
     close(probs, ref_probs)
+
+
+@given(shape=shapes, parts=parts, strided=st.booleans())
+def test_kernel_writes_the_token_as_kvcache_write(shape, parts, strided):
+    """write=(k, v, slot): the step's token goes into the cache first, as KVCache.write puts it,
+    also into a layer's view of a wider position buffer (strided: pyramidkv's smaller layers)."""
+    q, k, v, q_pos, kv_pos, moments = random_step(**shape)
+    B, Hkv, S, D = k.shape
+    g = torch.Generator().manual_seed(shape["seed"] + 1)
+    k_new, v_new = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+    slot = torch.randint(0, S, (B, Hkv), generator=g)
+    wide = torch.full((B, Hkv, S + 5 if strided else S), -7, dtype=torch.long)
+    pos = wide[..., :S].copy_(kv_pos)
+    ref = KVCache(B, Hkv, S, D, torch.float32, "cpu")
+    ref.k.copy_(k), ref.v.copy_(v), ref.pos.copy_(kv_pos)
+    ref.write(slot, k_new[:, :, 0], v_new[:, :, 0], q_pos)
+    out, probs, _ = fused.decode_attention(q, k, v, q_pos, pos, moments, want_probs=True, parts=parts, write=(k_new, v_new, slot))
+    assert torch.equal(k, ref.k) and torch.equal(v, ref.v) and torch.equal(pos, ref.pos) and (wide[..., S:] == -7).all()
+    ref_out, ref_probs, _, _ = nc_attention(q, ref.k, ref.v, q_pos[:, None], ref.pos, moments)
+    close(out, ref_out)
+    close(probs, ref_probs)
+    if B * Hkv > 1:  # rows that share memory cannot take a write
+        with pytest.raises(ValueError, match="evenly spaced"):
+            fused.decode_attention(q, k, v, q_pos, kv_pos[:1, :1].expand(B, Hkv, S), write=(k_new, v_new, slot))
 
 
 @given(shape=shapes, mi_weight=st.sampled_from([0.0, 1.0, 2.5]), parts=parts)
@@ -199,11 +224,10 @@ def test_disabled_or_unbuildable_falls_back_to_torch(tmp_path):
 
 
 def test_fused_backend_refuses_what_it_cannot_run(tiny):
+    """bf16 (or a GPU): the torch path; asked for explicitly, a clear error."""
     from tinyengine.errors import TinyEngineError
 
-    assert Engine(tiny, compile=True).decode_backend == "reference"  # a compiled step fuses the torch code itself
-    with pytest.raises(TinyEngineError, match="eager"):
-        Engine(tiny, compile=True, decode_backend="fused")
+    assert Engine(tiny, compile=True).decode_backend == "fused"  # compiled: as operators (tests/test_engine.py)
     model = tiny_pair(layers=1, seed=5)[1].to(torch.bfloat16)
     assert Engine(model).decode_backend == "reference"  # bf16 on a CPU: the default falls back
     with pytest.raises(TinyEngineError, match="float32 on the CPU"):

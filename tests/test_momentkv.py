@@ -481,14 +481,15 @@ def test_kept_value_norms_are_the_caches(model, spec, kw):
         torch.testing.assert_close(norm2[valid], torch.linalg.vecdot(cache.v, cache.v)[valid])
 
 
-def test_compiled_momentkv_equals_eager_without_recompiles():
+@pytest.mark.parametrize("backend", [None, "reference"])  # the CPU's fused kernels as operators; the torch code (CUDA's)
+def test_compiled_momentkv_equals_eager_without_recompiles(backend):
     """MI + NC + momentum in the compiled decode step: equal to eager, and 100 decode steps with
     other prompts, lengths and evictions reuse the one graph."""
     import torch._dynamo
 
     _, model = tiny_pair(seed=3)
-    compiled = Engine(model, make_plan("momentkv", budget=40, options=W), compile=True)
-    eager = Engine(model, make_plan("momentkv", budget=40, options=W))
+    compiled = Engine(model, make_plan("momentkv", budget=40, options=W), compile=True, decode_backend=backend)
+    eager = Engine(model, make_plan("momentkv", budget=40, options=W), decode_backend=backend)
     for e in (compiled, eager):
         e.setup(2, 200)
     torch._dynamo.reset()

@@ -280,8 +280,11 @@ def test_h2o_prefill_scores_are_attention_column_sums_and_carry_across_chunks():
             assert states[0][0, h, j].item() == pytest.approx(total, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "h2o", "tova", "scope", "pyramidkv+h2o"])
-def test_compiled_decode_equals_eager_without_recompiles(name):
+@pytest.mark.parametrize("name, backend", [("streamingllm", None), ("h2o", None), ("tova", None), ("scope", None),
+                                           ("pyramidkv+h2o", None), ("h2o", "reference"), ("pyramidkv+h2o", "reference")])
+def test_compiled_decode_equals_eager_without_recompiles(name, backend):
+    """None: the CPU's default, the fused kernels (as operators when compiled); reference: the torch
+    code, the compiled path on CUDA."""
     import torch._dynamo
 
     specs = dict(DECODE_SPECS, **{
@@ -290,8 +293,8 @@ def test_compiled_decode_equals_eager_without_recompiles(name):
         "pyramidkv+h2o": dict(spec="pyramidkv+h2o", ratio=0.5, decode_budget=4, options=dict(window=2, beta=2)),
     })
     model = tiny_model(seed=1)
-    eager = Engine(model, make_plan(**specs[name]))
-    compiled = Engine(model, make_plan(**specs[name]), compile=True)
+    eager = Engine(model, make_plan(**specs[name]), decode_backend=backend)
+    compiled = Engine(model, make_plan(**specs[name]), compile=True, decode_backend=backend)
     torch._dynamo.reset()
     first = prompts_of([12, 7], seed=2)
     for e in (eager, compiled):  # one allocation for every batch below, so the graph never changes

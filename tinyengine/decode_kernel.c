@@ -19,11 +19,13 @@
      c_gi   = max(0, p_gi - (w_g/n)(1 + l_gi - (v_g - log n))) sqrt(d_gi / r_g)   (0 if n = 0)
      score_i = mean_g p_gi + mi_weight mean_g c_gi                                 (0 on invalid slots)
 
-   Layouts (contiguous): q, out [B, Hkv, G, D]; k, v [B, Hkv, S, D]; pos [B, Hkv, S] int64;
+   Layouts (contiguous unless said): q, out [B, Hkv, G, D]; k, v [B, Hkv, S, D]; pos: B * Hkv rows
+   of S int64, row bh at pos + bh * pos_stride (a layer's view of the engine's [L, B, Hkv, S_max]);
    qpos [B] int64; n [B, Hkv]; mu_k, mu_v [B, Hkv, D]; C [B, Hkv, D, D]; probs [B, Hkv, G, S]
    (the retained slots' probabilities; NULL: not wanted); score: B * Hkv rows of S, row bh at
    score + bh * score_stride (a layer's view of the engine's [L, B, Hkv, S_max] buffer; NULL: not wanted).
-   n == NULL: no moments (plain attention). parts: how many ranges each head's slots are split into
+   k_new, v_new [B, Hkv, D], slot [B, Hkv] (NULL: none): the step's token, written into the cache
+   first (KVCache.write). n == NULL: no moments (plain attention). parts: how many ranges each head's slots are split into
    (0: chosen here, slot_parts). */
 #include <math.h>
 #include <stdint.h>
@@ -288,11 +290,19 @@ static void score_part(const Head *h, const Part *t, float *part_base, int64_t p
 }
 
 int decode_attention(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D,
-                     const float *q, const float *k, const float *v, const int64_t *pos, const int64_t *qpos,
+                     const float *q, float *k, float *v, int64_t *pos, int64_t pos_stride, const int64_t *qpos,
+                     const float *k_new, const float *v_new, const int64_t *slot,
                      const float *n, const float *mu_k, const float *mu_v, const float *C,
                      float *out, float *probs, float *score, int64_t score_stride, float mi_weight, int64_t parts,
                      int threads) {
     const float tau = 1.0f / sqrtf((float)D);
+    if (k_new) {  /* the step's token first: its key and value into slot[bh] of each (b, h), at position qpos[b] */
+        for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+            memcpy(k + (bh * S + slot[bh]) * D, k_new + bh * D, sizeof(float) * D);
+            memcpy(v + (bh * S + slot[bh]) * D, v_new + bh * D, sizeof(float) * D);
+            pos[bh * pos_stride + slot[bh]] = qpos[bh / Hkv];
+        }
+    }
     const int64_t BH = B * Hkv, per_head = head_floats(G, S, D, probs, score), part_size = 4 * G + 1 + G * D;
     parts = parts > 0 ? parts : slot_parts(BH, S, threads);
     float *scratch = malloc(sizeof(float) * (per_head + parts * part_size) * BH);
@@ -307,7 +317,7 @@ int decode_attention(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D,
             const int64_t bh = x / parts, c = x % parts;
             Head h = HEAD(bh);
             Part t = part_at(PARTS(bh) + c * part_size, c, parts, G, S);
-            attend_part(&h, &t, G, S, D, tau, q + bh * G * D, k + bh * S * D, v + bh * S * D, pos + bh * S, qpos[bh / Hkv]);
+            attend_part(&h, &t, G, S, D, tau, q + bh * G * D, k + bh * S * D, v + bh * S * D, pos + bh * pos_stride, qpos[bh / Hkv]);
         }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < BH; ++bh) {

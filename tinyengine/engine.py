@@ -69,13 +69,13 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def default_backends(device: torch.device, dtype: torch.dtype = torch.float32, compiled: bool = False) -> tuple[str, str]:
+def default_backends(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[str, str]:
     """(prefill, decode) attention backends. Measured in BENCHMARKS.md (bench.py attention). On a
-    CPU, eager decode runs the fused kernel (tinyengine/fused.py) in float32 when it builds; a
-    compiled step, or any other dtype, the reference (which a compiled step fuses itself)."""
+    CPU, decode runs the fused kernel (tinyengine/fused.py) in float32 when it builds, eager or
+    compiled (as an operator); any other dtype, the reference."""
     if device.type == "cuda":
         return "flex", "flex"
-    return "sdpa", "fused" if not compiled and fused.usable_for(device, dtype) else "reference"
+    return "sdpa", "fused" if fused.usable_for(device, dtype) else "reference"
 
 
 class Engine:
@@ -87,7 +87,7 @@ class Engine:
         self.plan = plan or CachePlan()
         self.device = model.output_weight().device
         self.dtype = model.output_weight().dtype
-        default_prefill, default_decode = default_backends(self.device, self.dtype, compile)
+        default_prefill, default_decode = default_backends(self.device, self.dtype)
         self.prefill_backend = prefill_backend or default_prefill
         self.decode_backend = decode_backend or default_decode
         self.prefill_chunk = prefill_chunk
@@ -96,10 +96,10 @@ class Engine:
         self.compiled = compile
         # The fused CPU decode kernel (tinyengine/fused.py), and how it serves the decode policy
         self._fused_decode = self.decode_backend == "fused"
-        if self._fused_decode and (compile or not fused.usable_for(self.device, self.dtype)):
-            raise TinyEngineError(f"decode backend 'fused' runs eager decode in float32 on the CPU with a C compiler "
-                                  f"(tinyengine/fused.py); this engine is {'compiled, ' if compile else ''}{self.dtype} "
-                                  f"on {self.device}: choose reference, sdpa or flex")
+        if self._fused_decode and not fused.usable_for(self.device, self.dtype):
+            raise TinyEngineError(f"decode backend 'fused' decodes in float32 on the CPU with a C compiler "
+                                  f"(tinyengine/fused.py); this engine is {self.dtype} on {self.device}"
+                                  f"{'' if fused.available() else ' without the kernels'}: choose reference, sdpa or flex")
         self._fused_score = self.plan.decode.fused_score(self.plan.correction) if self.plan.decode is not None else None
         # The kernel computes the policy's per-slot observation itself (momentkv) and writes it into
         # step_scores, read at the step's end: nothing to keep per layer, nothing to stack
@@ -320,25 +320,28 @@ class Engine:
 
         def attend(q, k, v):
             slot = self.next_slot[layer]
-            cache.write(slot, k[:, :, 0], v[:, :, 0], pos)
             policy, nc = plan.decode, plan.correction
             need, scores = policy is not None and policy.needs_probs, None
             mi_weight = self._fused_score
             if self._fused_decode and mi_weight is not False and self.shared_slots[layer] == 0:
-                # One pass per kv head: attention, NC when it applies, and the probabilities or, for a
-                # policy whose decode observation the kernel computes (momentkv), that, into step_scores
-                # (with a correction, as that policy has, shared_slots is 0: every layer comes here)
+                # The fused kernel: the step's write and one pass over the layer's keys and values for
+                # attention, NC when it applies, and the probabilities or, for a policy whose decode
+                # observation the kernel computes (momentkv), that, into step_scores (with a correction,
+                # as that policy has, shared_slots is 0: every layer comes here)
                 moments = nc.moments(layer) if nc is not None and nc.apply_nc else None
                 out, probs, _ = fused.decode_attention(q, cache.k, cache.v, pos, cache.pos, moments, need and mi_weight is None,
-                                                       mi_weight, self.layer_scores[layer] if self._kernel_scores else None)
+                                                       mi_weight, self.layer_scores[layer] if self._kernel_scores else None,
+                                                       write=(k, v, slot))
                 if self._kernel_scores:
                     return out
-            elif nc is not None:  # NC (or, for MI alone, plain attention): policies/correction.py
-                out, probs, scores = nc.attention(layer, q, cache.k, cache.v, pos[:, None], cache.pos, self.decode_backend, need)
-            elif need or self.decode_backend in ("reference", "fused"):
-                out, probs = reference_attention(q, cache.k, cache.v, pos[:, None], cache.pos, shared=self.shared_slots[layer])
             else:
-                out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
+                cache.write(slot, k[:, :, 0], v[:, :, 0], pos)
+                if nc is not None:  # NC (or, for MI alone, plain attention): policies/correction.py
+                    out, probs, scores = nc.attention(layer, q, cache.k, cache.v, pos[:, None], cache.pos, self.decode_backend, need)
+                elif need or self.decode_backend in ("reference", "fused"):
+                    out, probs = reference_attention(q, cache.k, cache.v, pos[:, None], cache.pos, shared=self.shared_slots[layer])
+                else:
+                    out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
             if policy is not None:  # its scores wait for the end of the step (_free_slots)
                 probs = None if probs is None else probs[:, :, 0]
                 if getattr(policy, "needs_query", False):
