@@ -392,7 +392,8 @@ def section_flatcost(d: dict, img: Path) -> str:
                 f"context, every policy {budget} entries per kv head. `vs full` compares each policy with full holding "
                 f"the same {budget} tokens (context {budget}), {timing}"
                 + ": the policy's own overhead. Modes: eager is the engine's default CPU decode (in float32 its fused "
-                "kernels, tinyengine/fused.py, when they build), compiled is `torch.compile` of the torch code. "
+                "kernels, tinyengine/fused.py, when they build), compiled is `torch.compile` of the decode step (with those "
+                "kernels as operators, inductor fusing the rest). "
                 "transformers and kvpress (SnapKVPress at the ratio that keeps the same budget) decode on their "
                 "DynamicCache in the same run.", ""]
         contexts = sorted({r["context"] for r in ctx})

@@ -576,7 +576,7 @@ def attention_suite(args, size: dict, save):
     prefill_T = [T for T in size["speed_prompts"] if T >= 64] or [128]
     decode_S = size["contexts"]
     backends = ["reference", "sdpa", "flex", "sdpa-causal", "fused"]  # sdpa-causal: the first prefill chunk's kernel
-    from tinyengine import fused  # fused: eager decode in float32 on a CPU only
+    from tinyengine import fused  # fused: decode in float32 on a CPU, timed eager (compiled, the engine calls it as an operator that also writes the cache)
     cases = [("prefill", 1, T) for T in prefill_T] + [("decode", B, S) for S in decode_S for B in size["speed_batches"]]
     bar = bench.Progress("attention", len(cases) * len(backends), not args.no_progress)
     rows, notes = [], []
