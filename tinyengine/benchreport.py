@@ -379,8 +379,11 @@ def section_flatcost(d: dict, img: Path) -> str:
     out = []
     if ctx:
         budget = next((r["budget"] for r in ctx if r.get("budget")), None)
-        paired = next((r for r in ctx if r.get("paired_rounds")), None)
-        if paired:
+        paired = next((r for r in ctx if r.get("paired_rounds") or r.get("paired_median_steps")), None)
+        if paired and paired.get("paired_median_steps"):
+            timing = (f"the two timed in alternation step by step ({paired['paired_median_steps']} steps each, the median "
+                      "step of each) so that the machine's drift cancels")
+        elif paired:
             timing = (f"the two timed in alternation ({paired['paired_rounds']} rounds of {paired['paired_steps']} steps each, "
                       "the fastest of each) so that the machine's drift cancels")
         elif any("full_same_tokens_tok_s" in r for r in ctx):

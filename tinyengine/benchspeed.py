@@ -14,7 +14,6 @@ attention  reference vs SDPA vs flex for prefill and decode shapes of the model 
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import resource
@@ -211,9 +210,9 @@ def time_to_first_output(cmd, env) -> tuple[float, float]:
     return first, time.perf_counter() - t
 
 
-PAIRED = 10  # rounds of a policy and full holding the same tokens, timed in alternation, half `new` steps each
-# (5 rounds of 32 steps read streamingllm, which scores nothing, anywhere from 0.95x to 0.97x full: more, shorter
-# rounds alternate more often for the same steps, so the fastest of each is less at the mercy of one slow stretch)
+PAIRED = 10  # a policy and full holding the same tokens: PAIRED * half `new` steps each, alternating step by step
+# (rounds of 16 steps, the fastest of each, read one policy anywhere from 0.94x to 1.02x between two runs of
+# this machine; alternating single steps and taking the median of each repeats to about half a percent, ad hoc)
 
 
 def flat_cost_rows(b, args, size, bar, notes) -> list[dict]:
@@ -284,9 +283,9 @@ def flat_cost_rows(b, args, size, bar, notes) -> list[dict]:
                     chunk, info = ready_decode(b, plan, prompt, tape, steps, compiled, compiled_engines, spec, PAIRED)
                     ref_chunk, _ = ready_decode(b, CachePlan(), *reference, steps, compiled, compiled_engines,
                                                 "full holding the budget", PAIRED)
-                    r, ref = paired_decode_rates(chunk, ref_chunk, steps, PAIRED)
+                    r, ref = paired_decode_rates(chunk, ref_chunk, PAIRED * steps)
                     r.update(info, full_same_tokens_tok_s=ref["decode_tok_s"], vs_full_same_tokens=r["decode_tok_s"] / ref["decode_tok_s"],
-                             paired_rounds=PAIRED, paired_steps=steps)
+                             paired_median_steps=PAIRED * steps)
                 rows.append({"table": "context", "engine": "tinyengine", "method": spec, "mode": mode, "context": C,
                              "budget": budget, **r})
         tape = None  # (the reference holds its own)
@@ -330,12 +329,14 @@ def ready_decode(b, plan, prompt, tape, new, compiled, engines, key=None, chunks
         pos = lengths[:, None].clone()
         t_first, _ = timed(lambda: engine.decode_step(tok, pos))
         engine.decode_step(tok, pos + 1)
-    calls = itertools.count()
+    taken = 0
 
     @torch.inference_mode()
-    def chunk() -> float:
-        start = pos + 2 + next(calls) * new
-        return timed(lambda: [engine.decode_step(tok, start + i) for i in range(new)])[0]
+    def chunk(steps: int = new) -> float:
+        """Time the next `steps` decode steps (at most `chunks` * `new` in all)."""
+        nonlocal taken
+        start, taken = pos + 2 + taken, taken + steps
+        return timed(lambda: [engine.decode_step(tok, start + i) for i in range(steps)])[0]
 
     return chunk, {"kv_bytes": engine.kv_bytes(), "state_bytes": engine.state_bytes(), "first_step_s": t_first}
 
@@ -351,11 +352,12 @@ def decode_rate(b, plan, prompt, tape, new, compiled, engines, key=None, repeats
     return {**rate(new, min(chunk() for _ in range(repeats))), **info}
 
 
-def paired_decode_rates(first, second, new: int, repeats: int = 5) -> tuple[dict, dict]:
-    """Two ready decodes (ready_decode's chunks) timed in alternation, the fastest of each: a
-    ratio of the two is not skewed by the machine drifting between them."""
-    times = [(first(), second()) for _ in range(repeats)]
-    return rate(new, min(a for a, _ in times)), rate(new, min(b for _, b in times))
+def paired_decode_rates(first, second, steps: int) -> tuple[dict, dict]:
+    """Two ready decodes (ready_decode's chunks) timed in alternation step by step, `steps` each,
+    the median step of each: a ratio of the two is not skewed by the machine drifting between
+    them, nor by one slow stretch."""
+    times = [(first(1), second(1)) for _ in range(steps)]
+    return rate(1, statistics.median(a for a, _ in times)), rate(1, statistics.median(b for _, b in times))
 
 
 # ----------------------------------------------------------------------------- memory (subprocesses)

@@ -125,8 +125,12 @@ typedef struct {  /* one part of a head's slots, [i0, i1): per query head its to
     float *top, *z, *scale, *total, *o, *count;
 } Part;
 
+/* Scratch sizes, rounded to 16 floats so that every head's and part's scratch starts on a 64-byte
+   line: a part's output `o` is accumulated with vector stores, which must not straddle lines. */
+static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
 static int64_t head_floats(int64_t G, int64_t S, int64_t D, const float *probs, const float *score) {
-    return S + (probs ? 0 : G * S) + (score ? 2 * G * S : 0) + 2 * G + D + 1;
+    return round16(S + (probs ? 0 : G * S) + (score ? 2 * G * S : 0) + 2 * G + D + 1);
 }
 
 static Head head_at(float *base, int64_t bh, int64_t G, int64_t S, float *probs, int score) {
@@ -145,7 +149,7 @@ static Part part_at(float *base, int64_t c, int64_t parts, int64_t G, int64_t S)
     t.i0 = (S * c / parts) & ~(int64_t)7;
     t.i1 = c + 1 == parts ? S : (S * (c + 1) / parts) & ~(int64_t)7;
     t.top = base, t.z = base + G, t.scale = base + 2 * G, t.total = base + 3 * G, t.count = base + 4 * G;
-    t.o = base + 4 * G + 1;
+    t.o = base + round16(4 * G + 1);  /* on its own line */
     return t;
 }
 
@@ -303,9 +307,9 @@ int decode_attention(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D,
             pos[bh * pos_stride + slot[bh]] = qpos[bh / Hkv];
         }
     }
-    const int64_t BH = B * Hkv, per_head = head_floats(G, S, D, probs, score), part_size = 4 * G + 1 + G * D;
+    const int64_t BH = B * Hkv, per_head = head_floats(G, S, D, probs, score), part_size = round16(4 * G + 1) + round16(G * D);
     parts = parts > 0 ? parts : slot_parts(BH, S, threads);
-    float *scratch = malloc(sizeof(float) * (per_head + parts * part_size) * BH);
+    float *scratch = aligned_alloc(64, sizeof(float) * (per_head + parts * part_size) * BH);
     if (!scratch) return 1;
     float *part_scratch = scratch + per_head * BH;
 #define HEAD(bh) head_at(scratch + (bh) * per_head, (bh), G, S, probs, score != NULL)
