@@ -21,11 +21,13 @@ and the CPU's flags), loaded with ctypes. Its OpenMP is torch's own (the libgomp
 loaded), so the kernel shares torch's threads. No compiler, or TINYENGINE_FUSED=0:
 `available()` is False and the engine takes the torch path.
 
-In a compiled decode step each kernel is an operator (torch.library, at the end of this file) that declares which of its arguments it writes, so inductor keeps those buffers in place:
-the cache above all, which is why the attention kernel also does the step's cache write (called
-on a cache that torch ops had just written, inductor copied the whole cache around the call).
-Inductor fuses the rest of the step. Against the compiled torch code on SmolLM2 at 1024 slots
-(ad hoc): a step ~10% faster for full, and MomentKV's overhead about halved.
+In a compiled decode step each kernel is an operator (torch.library, at the end of this file)
+whose schema marks the arguments it writes, so inductor keeps those buffers in place: the cache
+above all, which is why the attention kernel also does the step's cache write (called on a cache
+that torch ops had just written, inductor copied the whole cache around the call). Inductor fuses
+the rest of the step. Against the compiled torch code on SmolLM2 (ad hoc, interleaved): full at
+1024 slots about the same (24.8 against 25.2 ms a step), MomentKV's overhead over full about
+halved; at longer contexts the kernel's lead grows (BENCHMARKS.md, attention backends).
 """
 from __future__ import annotations
 
