@@ -180,8 +180,9 @@ def run_jobs(b, bar: Progress, jobs: list, fn, label) -> list:
                     b.notes += notes
                 except multiprocessing.TimeoutError:
                     pass
-                bar.done(counter.value - shown)
-                shown = counter.value
+                now = counter.value  # read once: a worker may tick between two reads
+                bar.done(now - shown)
+                shown = now
     finally:
         _JOBS = None
     return [results[i] for i in range(len(jobs))]
