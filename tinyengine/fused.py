@@ -193,7 +193,8 @@ def momentum_scores(s, a, written, beta: float, age=None, pos=None, recent=None,
 def _applies(*tensors) -> bool:
     """The step-end kernels apply: built, and contiguous float32 CPU tensors (eager, or in a compiled
     step as operators)."""
-    return available() and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    built = bool(_lib) if torch.compiler.is_compiling() else available()  # (never build while tracing: dynamo cannot trace it)
+    return built and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 def absorb_slots(slots, keys, values, pos, n, mu_k, mu_v, C) -> bool:
