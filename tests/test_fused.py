@@ -69,7 +69,7 @@ def test_nc_attention_equals_torch(shape, parts):
     out, probs, _ = fused.decode_attention(q, k, v, q_pos, kv_pos, moments, want_probs=True, parts=parts)
     close(fused.decode_attention(q, k, v, q_pos, kv_pos, moments, parts=parts)[0], out)  # the output alone (no rescaling pass)
     ref_out, ref_probs, _, _ = nc_attention(q, k, v, q_pos[:, None], kv_pos, moments)
-    close(out, ref_out)
+    close(out, ref_out, atol=1e-5)  # (outputs are sums of ~S terms of |v| ~ 1 plus NC's term: 2.1e-6 seen, float32 rounding)
     close(probs, ref_probs)
 
 
