@@ -190,7 +190,7 @@ def tiny():
 @pytest.mark.parametrize("spec, options", [("full", {}), ("h2o", {"budget": 24}), ("tova", {"budget": 24}),
                                            ("momentkv", {"budget": 24}), ("snapkv+momentum", {"budget": 34, "decode_budget": 8}),
                                            ("h2o", {"budget": 24, "correction": "nc"}),
-                                           ("pyramidkv+momentkv", {"budget": 34, "decode_budget": 8})])
+                                           ("pyramidkv+momentkv", {"budget": 24, "decode_budget": 8, "options": {"pyramidkv.window": 4}})])
 def test_engine_fused_equals_reference(tiny, spec, options):
     """The engine with the kernels (default on a CPU) against the torch path: the same tokens over
     a generation that evicts at every step, and logits to float rounding."""
@@ -198,6 +198,9 @@ def test_engine_fused_equals_reference(tiny, spec, options):
     fast = Engine(tiny, make_plan(spec, **options))
     ref = Engine(tiny, make_plan(spec, **options), decode_backend="reference")
     assert fast.decode_backend == "fused"
+    if spec.startswith("pyramidkv"):  # per-layer budgets: a smaller layer's positions and scores are strided views
+        fast.setup(2, [max(fast.plan.capacity(n, 30, i, 2) for n in (40, 33)) for i in range(2)])
+        assert len({c.capacity for c in fast.caches}) == 2
     assert fast.generate(prompts, 30) == ref.generate(prompts, 30)
     with torch.inference_mode():
         step = torch.tensor([[5], [6]]), torch.tensor([[80], [80]])

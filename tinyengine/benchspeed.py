@@ -211,8 +211,8 @@ def time_to_first_output(cmd, env) -> tuple[float, float]:
 
 
 PAIRED = 10  # a policy and full holding the same tokens: PAIRED * half `new` steps each, alternating step by step
-# (rounds of 16 steps, the fastest of each, read one policy anywhere from 0.94x to 1.02x between two runs of
-# this machine; alternating single steps and taking the median of each repeats to about half a percent, ad hoc)
+# (the earlier pairing, the fastest of 10 rounds of 16 steps, read momentkv 0.958x and 1.016x in two runs of
+# `bench.py speed --parts flat` on 2026-11-30: one slow stretch moved a whole round; a median of single steps does not)
 
 
 def flat_cost_rows(b, args, size, bar, notes) -> list[dict]:

@@ -25,9 +25,9 @@ In a compiled decode step each kernel is an operator (torch.library, at the end 
 whose schema marks the arguments it writes, so inductor keeps those buffers in place: the cache
 above all, which is why the attention kernel also does the step's cache write (called on a cache
 that torch ops had just written, inductor copied the whole cache around the call). Inductor fuses
-the rest of the step. Against the compiled torch code on SmolLM2 (ad hoc, interleaved): full at
-1024 slots about the same (24.8 against 25.2 ms a step), MomentKV's overhead over full about
-halved; at longer contexts the kernel's lead grows (BENCHMARKS.md, attention backends).
+the rest of the step. What it costs against the torch code: BENCHMARKS.md, attention backends
+(the kernel against compiled reference and SDPA per layer) and decode speed against context
+length (the compiled rows).
 """
 from __future__ import annotations
 
@@ -133,23 +133,26 @@ def decode_attention(q, k, v, q_pos, kv_pos, moments=None, want_probs=False, mi_
     Hkv, S = k.shape[1], k.shape[2]
     out = torch.empty(B, Hq, 1, D)
     probs = torch.empty(B, Hq, 1, S) if want_probs else None
-    score = score_out if mi_weight is not None else None
+    score, score_stride = score_out if mi_weight is not None else None, 0
     if score is None and mi_weight is not None:
-        score = torch.empty(B, Hkv, S)
-    elif score is not None and (score.shape != (B, Hkv, S) or score.dtype != torch.float32 or _row_stride(score) is None):
-        raise ValueError(f"score_out must be float32 {[B, Hkv, S]} with evenly spaced rows (got {list(score.shape)}, "
-                         f"strides {score.stride()})")
-    if write is not None and not (k.is_contiguous() and v.is_contiguous() and _row_stride(kv_pos) is not None):
+        score, score_stride = torch.empty(B, Hkv, S), S
+    elif score is not None:
+        score_stride = _row_stride(score)
+        if score.shape != (B, Hkv, S) or score.dtype != torch.float32 or score_stride is None:
+            raise ValueError(f"score_out must be float32 {[B, Hkv, S]} with evenly spaced rows (got {list(score.shape)}, "
+                             f"strides {score.stride()})")
+    pos_stride = _row_stride(kv_pos)
+    if write is not None and not (k.is_contiguous() and v.is_contiguous() and pos_stride is not None):
         raise ValueError("the fused decode kernel writes the step's token into contiguous K and V and evenly spaced positions")
-    if _row_stride(kv_pos) is None:
-        kv_pos = kv_pos.contiguous()
+    if pos_stride is None:  # (read only: a copy will do)
+        kv_pos, pos_stride = kv_pos.contiguous(), S
     new = [t.contiguous() for t in write] if write is not None else []
     q, k, v, q_pos = q.contiguous(), k.contiguous(), v.contiguous(), q_pos.contiguous()  # (held here: the kernel reads them)
     moments = [t.contiguous() for t in moments or ()]
-    pointers = ([q.data_ptr(), k.data_ptr(), v.data_ptr(), kv_pos.data_ptr(), _row_stride(kv_pos), q_pos.data_ptr()]
+    pointers = ([q.data_ptr(), k.data_ptr(), v.data_ptr(), kv_pos.data_ptr(), pos_stride, q_pos.data_ptr()]
                 + ([t.data_ptr() for t in new] or [None] * 3) + ([t.data_ptr() for t in moments] or [None] * 4))  # none: NULL
     failed = _lib.decode_attention(B, Hkv, Hq // Hkv, S, D, *pointers, out.data_ptr(), None if probs is None else probs.data_ptr(),
-                                   None if score is None else score.data_ptr(), 0 if score is None else _row_stride(score),
+                                   None if score is None else score.data_ptr(), score_stride,
                                    float(mi_weight or 0.0), parts, torch.get_num_threads())
     if failed:
         raise MemoryError("tinyengine's fused decode kernel could not allocate its scratch")
@@ -174,7 +177,7 @@ def momentum_scores(s, a, written, beta: float, age=None, pos=None, recent=None,
     kernel does not apply (not built, not contiguous float32 on the CPU): use the torch code."""
     if not _applies(s, *((age,) if age is not None else ())) or a.dtype != torch.float32:
         return None
-    if torch.compiler.is_compiling():  # an operator that declares what it writes (decode_attention_op)
+    if torch.compiler.is_compiling():  # as an operator that declares what it writes (end of this file)
         none = s.new_empty(0, dtype=torch.long)
         return torch.ops.tinyengine.momentum_scores(s, a, written, beta, age if age is not None else s.new_empty(0),
                                   pos if recent is not None else none, recent if recent is not None else none, protect)
