@@ -119,6 +119,12 @@ class Policy(nn.Module):
         all, the torch path (the policy reads what only that path gives)."""
         return None
 
+    def fused_step_end(self, pos, written, observed, pool_from, pool_budget, moments, keys, values) -> bool:
+        """For a policy served by `fused_score`: the engine's whole step end (score_step on `observed`,
+        the victim choice, the victims absorbed into `moments` and freed in `pos`, `written` set to
+        the victims) in one pass of a kernel, if the policy has one and it applies; False: not done."""
+        return False
+
     # ---- a decode step scored once for every layer (scores_at_step_end)
     def observe(self, layer: int, probs, pos, written, **extra):
         """At each layer: keep what score_step needs from this layer's attention (default: probs)."""
@@ -128,11 +134,14 @@ class Policy(nn.Module):
         """What observe kept at every layer this step, in layer order (and forgotten: it is not state)."""
         return [self._kept.pop(i) for i in sorted(self._kept)]
 
-    def score_step(self, layer, pos, written, moments=None) -> torch.Tensor:
-        """After the last layer: every layer's scores at once (layer = slice(None), pos [L, B, Hkv, S])."""
-        kept = self.kept_layers()
-        probs = None if kept[0] is None else stack_layers(kept, pos.shape[-1])
-        return self.decode_scores(layer, probs, pos, written)
+    def score_step(self, layer, pos, written, moments=None, observed=None) -> torch.Tensor:
+        """After the last layer: every layer's scores at once (layer = slice(None), pos [L, B, Hkv, S]).
+        observed [L, B, Hq, S]: every layer's probabilities, written there by the fused kernel (eager;
+        tinyengine/engine.py), in place of what observe kept."""
+        if observed is None:
+            kept = self.kept_layers()
+            observed = None if kept[0] is None else stack_layers(kept, pos.shape[-1])
+        return self.decode_scores(layer, observed, pos, written)
 
 
 def choose_victim(scores: torch.Tensor, pos: torch.Tensor, in_pool: torch.Tensor, pool_budget: torch.Tensor) -> torch.Tensor:

@@ -399,6 +399,15 @@ class MomentKV(Policy):
             return None  # plain probabilities; MI alone or "value" run in torch from them
         return self.mi_weight if self.per_kv_head else False  # the kernel averages per kv head only
 
+    def fused_step_end(self, pos, written, observed, pool_from, pool_budget, moments, keys, values) -> bool:
+        """score_step(slice(None), ..., observed), then the engine's victim choice, absorb and freeing, in
+        one C pass (eager CPU: tinyengine/fused.py momentum_step_end); False where it does not apply."""
+        S = pos.shape[-1]
+        return fused.momentum_step_end(self.scores[..., :S], observed, self.age[..., :S] if self.debias else None, pos,
+                                       self.pool_recent if self.recent >= 0 else None, self.beta, PROTECT, pool_from,
+                                       pool_budget, written, keys, values,
+                                       (moments.n, moments.mu_k, moments.mu_v, moments.C) if moments is not None else None)
+
     def observe(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None,
                 value=None):
         """Keep what this layer's attention gives the step's scoring (per-layer work: what needs the cache).

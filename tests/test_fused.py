@@ -76,7 +76,8 @@ def test_nc_attention_equals_torch(shape, parts):
 @given(shape=shapes, parts=parts, strided=st.booleans())
 def test_kernel_writes_the_token_as_kvcache_write(shape, parts, strided):
     """write=(k, v, slot): the step's token goes into the cache first, as KVCache.write puts it,
-    also into a layer's view of a wider position buffer (strided: pyramidkv's smaller layers)."""
+    also into a layer's view of a wider position buffer (strided: pyramidkv's smaller layers); the
+    probabilities likewise into a view of a wider buffer (probs_out), in its columns only."""
     q, k, v, q_pos, kv_pos, moments = random_step(**shape)
     B, Hkv, S, D = k.shape
     g = torch.Generator().manual_seed(shape["seed"] + 1)
@@ -87,8 +88,11 @@ def test_kernel_writes_the_token_as_kvcache_write(shape, parts, strided):
     ref = KVCache(B, Hkv, S, D, torch.float32, "cpu")
     ref.k.copy_(k), ref.v.copy_(v), ref.pos.copy_(kv_pos)
     ref.write(slot, k_new[:, :, 0], v_new[:, :, 0], q_pos)
-    out, probs, _ = fused.decode_attention(q, k, v, q_pos, pos, moments, want_probs=True, parts=parts, write=(k_new, v_new, slot))
+    wide_probs = torch.full((B, q.shape[1], S + 3 if strided else S), float("nan"))
+    out, probs, _ = fused.decode_attention(q, k, v, q_pos, pos, moments, want_probs=True, parts=parts, write=(k_new, v_new, slot),
+                                           probs_out=wide_probs[..., :S])
     assert torch.equal(k, ref.k) and torch.equal(v, ref.v) and torch.equal(pos, ref.pos) and (wide[..., S:] == -7).all()
+    assert probs.data_ptr() == wide_probs.data_ptr() and wide_probs[..., S:].isnan().all()
     ref_out, ref_probs, _, _ = nc_attention(q, ref.k, ref.v, q_pos[:, None], ref.pos, moments)
     close(out, ref_out, atol=1e-5)  # (as test_nc_attention_equals_torch)
     close(probs, ref_probs)
@@ -182,6 +186,47 @@ def test_choose_victim_equals_torch(L, B, H, S, ties, seed):
     assert torch.equal(fused.choose_victim(scores, pos, pool_from, budget), expected)
 
 
+@given(L=st.integers(1, 3), B=st.integers(1, 2), H=st.integers(1, 3), S=st.integers(1, 20), D=st.sampled_from([4, 8]),
+       debias=st.booleans(), recent=st.booleans(), moments=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_momentum_step_end_equals_its_steps(L, B, H, S, D, debias, recent, moments, seed):
+    """MomentKV's one-pass step end against momentum_scores, choose_victim, absorb_slots and the
+    freeing in sequence: the same victims and positions exactly (the same float operations), the
+    same state; layers of different capacities (a smaller layer's tail is empty), empty slots, a pool
+    that starts after the prompt and budgets under and over the pool."""
+    g = torch.Generator().manual_seed(seed)
+    caps = [max(1, S - 2 * i) for i in range(L)]
+    s, a = torch.rand(L, B, H, S, generator=g), torch.rand(L, B, H, S, generator=g)
+    age = torch.where(torch.rand(L, B, H, S, generator=g) < 0.3, STATIONARY, torch.randint(1, 50, (L, B, H, S), generator=g).float())
+    pos = torch.stack([torch.randperm(2 * S, generator=g)[:S] for _ in range(L * B * H)]).view(L, B, H, S)
+    pos = pos.masked_fill(torch.rand(L, B, H, S, generator=g) < 0.2, -1)
+    for i, cap in enumerate(caps):
+        pos[i, ..., cap:] = -1
+    written = torch.stack([torch.randint(0, cap, (B, H), generator=g) for cap in caps])
+    window = torch.randint(0, S + 1, (B,), generator=g) if recent else None
+    pool_from, budget = torch.randint(0, S, (B,), generator=g), torch.randint(0, S + 1, (B,), generator=g)
+    keys = [torch.randn(B, H, cap, D, generator=g) for cap in caps]
+    values = [torch.randn(B, H, cap, D, generator=g) for cap in caps]
+    corrections = [Correction(), Correction()]
+    for c in corrections:
+        c.allocate(L, B, H, D, "cpu")
+        c.absorb_slots(torch.zeros(L, B, H, dtype=torch.long), keys, values, pos, kernel=False)  # some rows start non-empty
+
+    s1, age1, pos1, c1 = s.clone(), age.clone(), pos.clone(), corrections[0]
+    rank = fused.momentum_scores(s1, a, written, 0.97, age1 if debias else None, pos1, window, 1e30)
+    victim = fused.choose_victim(rank, pos1, pool_from, budget)
+    if moments:
+        c1.absorb_slots(victim, keys, values, pos1)
+    pos1.scatter_(-1, victim.unsqueeze(-1), -1)
+
+    s2, age2, pos2, c2, slot = s.clone(), age.clone(), pos.clone(), corrections[1], written.clone()
+    assert fused.momentum_step_end(s2, a, age2 if debias else None, pos2, window, 0.97, 1e30, pool_from, budget, slot,
+                                   keys, values, (c2.n, c2.mu_k, c2.mu_v, c2.C) if moments else None)
+    assert torch.equal(slot, victim) and torch.equal(pos2, pos1)
+    assert torch.equal(s2, s1) and torch.equal(age2, age1)
+    for x, y in zip((c1.n, c1.mu_k, c1.mu_v, c1.C), (c2.n, c2.mu_k, c2.mu_v, c2.C)):
+        assert torch.equal(x, y)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_pair(layers=2, seed=5)[1]
@@ -190,11 +235,18 @@ def tiny():
 @pytest.mark.parametrize("spec, options", [("full", {}), ("h2o", {"budget": 24}), ("tova", {"budget": 24}),
                                            ("momentkv", {"budget": 24}), ("snapkv+momentum", {"budget": 34, "decode_budget": 8}),
                                            ("h2o", {"budget": 24, "correction": "nc"}),
-                                           ("pyramidkv+momentkv", {"budget": 24, "decode_budget": 8, "options": {"pyramidkv.window": 4}})])
+                                           ("pyramidkv+momentkv", {"budget": 24, "decode_budget": 8, "options": {"pyramidkv.window": 4}}),
+                                           ("pyramidkv+momentum", {"budget": 24, "decode_budget": 8, "options": {"pyramidkv.window": 4}}),
+                                           ("snapkv+momentum", {"budget": 34, "decode_budget": 8, "one_prompt": True})])
 def test_engine_fused_equals_reference(tiny, spec, options):
     """The engine with the kernels (default on a CPU) against the torch path: the same tokens over
-    a generation that evicts at every step, and logits to float rounding."""
+    a generation that evicts at every step, and logits to float rounding. one_prompt: both rows hold
+    one prompt, so the eager engine attends to its frozen slots once for both (shared_slots), on the
+    torch path, whose probabilities then go where the kernel would have written them."""
+    options = dict(options)
     prompts = prompts_of([40, 33], seed=7)
+    if options.pop("one_prompt", False):
+        prompts = [prompts[0], prompts[0]]
     fast = Engine(tiny, make_plan(spec, **options))
     ref = Engine(tiny, make_plan(spec, **options), decode_backend="reference")
     assert fast.decode_backend == "fused"
@@ -202,10 +254,15 @@ def test_engine_fused_equals_reference(tiny, spec, options):
         fast.setup(2, [max(fast.plan.capacity(n, 30, i, 2) for n in (40, 33)) for i in range(2)])
         assert len({c.capacity for c in fast.caches}) == 2
     assert fast.generate(prompts, 30) == ref.generate(prompts, 30)
+    assert (min(fast.shared_slots) > 0) == (prompts[0] == prompts[1])
     with torch.inference_mode():
         step = torch.tensor([[5], [6]]), torch.tensor([[80], [80]])
         close(fast.decode_step(*step), ref.decode_step(*step), atol=1e-4, rtol=1e-4)
     assert torch.equal(fast.pos, ref.pos)  # the same victims
+    state = dict(fast.plan.decode.named_buffers())  # the scores the step's attention went into, so equal attention
+    for name, buffer in ref.plan.decode.named_buffers():
+        if name in ("scores", "age"):
+            close(state[name], buffer, atol=1e-5, rtol=1e-4)
 
 
 def run_python(code: str, **env):

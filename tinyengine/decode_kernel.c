@@ -5,7 +5,8 @@
                        (tinyengine/attention.py), nc_attention (policies/correction.py) and
                        MomentKV's per-slot decode score (policies/momentkv.py, mi_cost_decode), in
                        one pass over the keys and values instead of a dozen torch ops per layer;
-     momentum_scores, absorb_slots, choose_victim   the step-end work over every layer at once.
+     momentum_scores, absorb_slots, choose_victim   the step-end work over every layer at once;
+     momentum_step_end  the three, and the victims' freeing, in one pass (eager MomentKV).
 
    decode_attention.
 
@@ -21,8 +22,9 @@
 
    Layouts (contiguous unless said): q, out [B, Hkv, G, D]; k, v [B, Hkv, S, D]; pos: B * Hkv rows
    of S int64, row bh at pos + bh * pos_stride (a layer's view of the engine's [L, B, Hkv, S_max]);
-   qpos [B] int64; n [B, Hkv]; mu_k, mu_v [B, Hkv, D]; C [B, Hkv, D, D]; probs [B, Hkv, G, S]
-   (the retained slots' probabilities; NULL: not wanted); score: B * Hkv rows of S, row bh at
+   qpos [B] int64; n [B, Hkv]; mu_k, mu_v [B, Hkv, D]; C [B, Hkv, D, D]; probs: B * Hkv * G rows of
+   S, row r at probs + r * probs_stride (the retained slots' probabilities, into a layer's view of
+   the engine's [L, B, Hq, S_max] buffer; NULL: not wanted); score: B * Hkv rows of S, row bh at
    score + bh * score_stride (a layer's view of the engine's [L, B, Hkv, S_max] buffer; NULL: not wanted).
    k_new, v_new [B, Hkv, D], slot [B, Hkv] (NULL: none): the step's token, written into the cache
    first (KVCache.write). n == NULL: no moments (plain attention). parts: how many ranges each head's slots are split into
@@ -117,6 +119,7 @@ static inline float exp_nonpositive(float x) {
 
 typedef struct {  /* one (b, h), over its S slots */
     float *valid, *p, *logit, *dist, *virt, *w, *cq, *count;
+    int64_t ps;  /* p's row stride: S in the scratch, probs_stride in the caller's probs */
 } Head;
 
 typedef struct {  /* one part of a head's slots, [i0, i1): per query head its top, z, scale, the
@@ -133,11 +136,11 @@ static int64_t head_floats(int64_t G, int64_t S, int64_t D, const float *probs, 
     return round16(S + (probs ? 0 : G * S) + (score ? 2 * G * S : 0) + 2 * G + D + 1);
 }
 
-static Head head_at(float *base, int64_t bh, int64_t G, int64_t S, float *probs, int score) {
+static Head head_at(float *base, int64_t bh, int64_t G, int64_t S, float *probs, int64_t probs_stride, int score) {
     Head h;
     h.valid = base, base += S;
-    if (probs) h.p = probs + bh * G * S;
-    else h.p = base, base += G * S;
+    if (probs) h.p = probs + bh * G * probs_stride, h.ps = probs_stride;
+    else h.p = base, h.ps = S, base += G * S;
     h.logit = score ? base : NULL, base += score ? G * S : 0;
     h.dist = score ? base : NULL, base += score ? G * S : 0;
     h.virt = base, h.w = base + G, h.count = base + 2 * G, h.cq = base + 2 * G + 1;
@@ -171,10 +174,10 @@ static void attend_part(const Head *h, Part *t, int64_t G, int64_t S, int64_t D,
     *t->count = count;
     for (int64_t b0 = i0; b0 < i1; b0 += 64) {  /* keys read once from memory, in blocks of 64 for all G */
         const int64_t m = i1 - b0 < 64 ? i1 - b0 : 64;
-        for (int64_t g = 0; g < G; ++g) rows_dot(qh + g * D, kh + b0 * D, m, D, 0, h->p + g * S + b0);
+        for (int64_t g = 0; g < G; ++g) rows_dot(qh + g * D, kh + b0 * D, m, D, 0, h->p + g * h->ps + b0);
     }
     for (int64_t g = 0; g < G; ++g) {
-        float *pg = h->p + g * S, *lg = h->logit ? h->logit + g * S : pg, top = -INFINITY, z = 0.0f;  /* the score keeps the logits */
+        float *pg = h->p + g * h->ps, *lg = h->logit ? h->logit + g * S : pg, top = -INFINITY, z = 0.0f;  /* the score keeps the logits */
 #pragma omp simd reduction(max : top)
         for (int64_t i = i0; i < i1; ++i) {
             const float l = valid[i] ? pg[i] * tau : -INFINITY;
@@ -194,7 +197,7 @@ static void attend_part(const Head *h, Part *t, int64_t G, int64_t S, int64_t D,
     for (int64_t i = i0; i < i1; ++i) {  /* output: one read of each value */
         const float *vi = vh + i * D;
         for (int64_t g = 0; g < G; ++g) {
-            const float pgi = h->p[g * S + i];
+            const float pgi = h->p[g * h->ps + i];
             float *og = t->o + g * D;
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d) og[d] += pgi * vi[d];
@@ -248,7 +251,7 @@ static void merge_head(Head *h, float *part_base, int64_t part_size, int64_t par
 static void finish_part(const Head *h, Part *t, int64_t G, int64_t S, int64_t D, const float *vh, const float *oh) {
     const int64_t i0 = t->i0, i1 = t->i1;
     for (int64_t g = 0; g < G; ++g) {
-        float *pg = h->p + g * S;
+        float *pg = h->p + g * h->ps;
         const float f = t->scale[g];
 #pragma omp simd
         for (int64_t i = i0; i < i1; ++i) pg[i] *= f;
@@ -274,7 +277,7 @@ static void score_part(const Head *h, const Part *t, float *part_base, int64_t p
     const float *valid = h->valid;
     for (int64_t i = i0; i < i1; ++i) sh[i] = 0.0f;
     for (int64_t g = 0; g < G; ++g) {
-        const float *pg = h->p + g * S, *lg = h->logit + g * S, *dg = h->dist + g * S;
+        const float *pg = h->p + g * h->ps, *lg = h->logit + g * S, *dg = h->dist + g * S;
         float total = 0.0f;
         for (int64_t c = 0; c < parts; ++c) total += part_at(part_base + c * part_size, c, parts, G, S).total[g];
         float r = total / (*h->count > 0 ? *h->count : 1.0f);
@@ -297,7 +300,7 @@ int decode_attention(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D,
                      const float *q, float *k, float *v, int64_t *pos, int64_t pos_stride, const int64_t *qpos,
                      const float *k_new, const float *v_new, const int64_t *slot,
                      const float *n, const float *mu_k, const float *mu_v, const float *C,
-                     float *out, float *probs, float *score, int64_t score_stride, float mi_weight, int64_t parts,
+                     float *out, float *probs, int64_t probs_stride, float *score, int64_t score_stride, float mi_weight, int64_t parts,
                      int threads) {
     const float tau = 1.0f / sqrtf((float)D);
     if (k_new) {  /* the step's token first: its key and value into slot[bh] of each (b, h), at position qpos[b] */
@@ -312,7 +315,7 @@ int decode_attention(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D,
     float *scratch = aligned_alloc(64, sizeof(float) * (per_head + parts * part_size) * BH);
     if (!scratch) return 1;
     float *part_scratch = scratch + per_head * BH;
-#define HEAD(bh) head_at(scratch + (bh) * per_head, (bh), G, S, probs, score != NULL)
+#define HEAD(bh) head_at(scratch + (bh) * per_head, (bh), G, S, probs, probs_stride, score != NULL)
 #define PARTS(bh) (part_scratch + (bh) * parts * part_size)
 #pragma omp parallel num_threads(threads)
     {
@@ -356,55 +359,102 @@ int decode_attention(int64_t B, int64_t Hkv, int64_t G, int64_t S, int64_t D,
     return 0;
 }
 
-/* MomentKV's step-end score update, every layer at once (policies/momentum.py momentum_update,
-   and policies/base.py recent_mask): for each of the `rows` = L * B * Hkv rows of S slots, with
-   `written` the slot the step's new token went to,
+/* The step-end work over every layer at once: each of rows = L * B * Hkv rows of S slots (row r
+   of batch row b = (r / Hkv) % B) has a helper below, called by the entry points after them.
+
+   momentum_row: MomentKV's score update (policies/momentum.py momentum_update and policies/base.py
+   recent_mask), with `written` the slot the step's new token went to,
      s[written] = 0, then s = beta s + (1 - beta) a                     (Eq. 5 of moment-kv-momentum.txt)
      age[written] = 0, then age += 1, rank = s / (1 - beta^age)        (debias; age == NULL: rank = s)
-     rank = PROTECT where pos > max(pos) - recent[b]                   (recent == NULL: no window)
-   s and age are updated in place; rank [rows, S] is the score the victim choice reads. B and Hkv
-   give each row its batch row b (for `recent`). */
+     rank = PROTECT where pos > max(pos) - recent                       (recent < 0: no window)
+   s and age are updated in place; rank is the score the victim choice reads (pos is read only
+   with a window). */
+static void momentum_row(int64_t S, float *sr, const float *ar, int64_t written, float *gr, const int64_t *pr,
+                         int64_t recent, float beta, float log_beta, float protect, float *rr) {
+    int64_t newest = -1;
+    if (recent >= 0) {
+#pragma omp simd reduction(max : newest)
+        for (int64_t i = 0; i < S; ++i) newest = pr[i] > newest ? pr[i] : newest;
+    }
+    const int64_t from = recent >= 0 ? newest - recent : INT64_MAX;
+    sr[written] = 0.0f;
+    if (gr) gr[written] = 0.0f;
+#pragma omp simd
+    for (int64_t i = 0; i < S; ++i) {
+        const float si = sr[i] * beta + ar[i] * (1.0f - beta);
+        sr[i] = si;
+        float ri = si;
+        if (gr) {
+            gr[i] += 1.0f;
+            ri = si / (1.0f - exp_nonpositive(gr[i] * log_beta));
+        }
+        rr[i] = ri;
+    }
+    if (recent >= 0) {
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) rr[i] = pr[i] > from ? protect : rr[i];
+    }
+}
+
+/* victim_row (policies/base.py choose_victim): the pool is the valid slots holding a position
+   >= from; once it holds more than `budget` entries, its lowest-scoring entry (among ties the
+   oldest), else the first empty slot (0 if none). Written as min-reductions over the row, which
+   vectorize (a loop carrying the running minimum and its slot does not): the pool's size, lowest
+   score and first empty slot; then the oldest position holding that score; then its slot. */
+static int64_t victim_row(int64_t S, const float *sr, const int64_t *pr, int64_t from, int64_t budget) {
+    int64_t in_pool = 0, empty = S;
+    float lowest = INFINITY;
+    from = from > 0 ? from : 0;  /* the pool holds valid slots only */
+#pragma omp simd reduction(+ : in_pool) reduction(min : lowest, empty)
+    for (int64_t i = 0; i < S; ++i) {
+        const int pool = pr[i] >= from;
+        in_pool += pool;
+        lowest = pool && sr[i] < lowest ? sr[i] : lowest;
+        empty = pr[i] < 0 && i < empty ? i : empty;
+    }
+    if (in_pool <= budget) return empty < S ? empty : 0;
+    int64_t oldest = INT64_MAX, slot = S;
+#pragma omp simd reduction(min : oldest)
+    for (int64_t i = 0; i < S; ++i) oldest = pr[i] >= from && sr[i] == lowest && pr[i] < oldest ? pr[i] : oldest;
+#pragma omp simd reduction(min : slot)
+    for (int64_t i = 0; i < S; ++i) slot = pr[i] == oldest && sr[i] == lowest && i < slot ? i : slot;
+    return slot;
+}
+
+/* absorb_row (policies/correction.py, Correction.absorb_slots: Welford's update, exact): the entry
+   k, v [D] joins the moments n, mu_k, mu_v [D], C [D, D] of the evicted set:
+     n += 1, f = 1/n, d = entry - mean, C += f ((1 - f) d_v d_k^T - C), mean += f d. */
+static void absorb_row(int64_t D, const float *k, const float *v, float *n, float *mk, float *mv, float *Cr) {
+    *n += 1.0f;
+    const float f_b = 1.0f / *n, f_a = 1.0f - f_b;
+    for (int64_t d = 0; d < D; ++d) {
+        const float dv = (v[d] - mv[d]) * f_a;
+        float *row = Cr + d * D;
+#pragma omp simd
+        for (int64_t e = 0; e < D; ++e) row[e] += f_b * (dv * (k[e] - mk[e]) - row[e]);
+    }
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+        mk[d] += f_b * (k[d] - mk[d]);
+        mv[d] += f_b * (v[d] - mv[d]);
+    }
+}
+
+/* momentum_row for every row: s, a, age (NULL: no debias), pos, rank [rows, S]; recent [B] (NULL:
+   no window, and pos may be NULL). */
 void momentum_scores(int64_t rows, int64_t B, int64_t Hkv, int64_t S, float *s, const float *a, const int64_t *written,
                      float *age, const int64_t *pos, const int64_t *recent, float beta, float protect, float *rank,
                      int threads) {
     const float log_beta = logf(beta);  /* -inf for beta = 0: beta^age = 0 for age >= 1 */
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; ++r) {
-        float *sr = s + r * S, *rr = rank + r * S, *gr = age ? age + r * S : NULL;
-        const float *ar = a + r * S;
-        const int64_t *pr = pos ? pos + r * S : NULL;
-        int64_t newest = -1;
-        if (recent) {
-#pragma omp simd reduction(max : newest)
-            for (int64_t i = 0; i < S; ++i) newest = pr[i] > newest ? pr[i] : newest;
-        }
-        const int64_t from = recent ? newest - recent[(r / Hkv) % B] : INT64_MAX;
-        sr[written[r]] = 0.0f;
-        if (gr) gr[written[r]] = 0.0f;
-#pragma omp simd
-        for (int64_t i = 0; i < S; ++i) {
-            const float si = sr[i] * beta + ar[i] * (1.0f - beta);
-            sr[i] = si;
-            float ri = si;
-            if (gr) {
-                gr[i] += 1.0f;
-                ri = si / (1.0f - exp_nonpositive(gr[i] * log_beta));
-            }
-            rr[i] = ri;
-        }
-        if (recent) {
-#pragma omp simd
-            for (int64_t i = 0; i < S; ++i) rr[i] = pr[i] > from ? protect : rr[i];
-        }
-    }
+    for (int64_t r = 0; r < rows; ++r)
+        momentum_row(S, s + r * S, a + r * S, written[r], age ? age + r * S : NULL, pos ? pos + r * S : NULL,
+                     recent ? recent[(r / Hkv) % B] : -1, beta, log_beta, protect, rank + r * S);
 }
 
-/* A decode step's evicted entries join the moments of the evicted set, every layer at once
-   (policies/correction.py, Correction.absorb_slots: Welford's update, exact): for each layer l and
-   each of its BH = B * Hkv rows r, the entry in slot slots[l, r] of layer l's keys/values
-   [BH, caps[l], D], if its position (pos [L, BH, S]) is valid (>= 0; an empty slot adds nothing),
-   updates n, mu_k, mu_v [L, BH, D] and C [L, BH, D, D]:
-     n += 1, f = 1/n, d = entry - mean, C += f ((1 - f) d_v d_k^T - C), mean += f d. */
+/* absorb_row for each layer l and each of its BH = B * Hkv rows r: the entry in slot slots[l, r] of
+   layer l's keys/values [BH, caps[l], D], if its position (pos [L, BH, S]) is valid (>= 0; an empty
+   slot adds nothing), into n [L, BH], mu_k, mu_v [L, BH, D] and C [L, BH, D, D]. */
 void absorb_slots(int64_t L, int64_t BH, int64_t S, int64_t D, const int64_t *caps, const int64_t *slots,
                   const float *const *keys, const float *const *values, const int64_t *pos,
                   float *n, float *mu_k, float *mu_v, float *C, int threads) {
@@ -412,51 +462,58 @@ void absorb_slots(int64_t L, int64_t BH, int64_t S, int64_t D, const int64_t *ca
     for (int64_t lr = 0; lr < L * BH; ++lr) {
         const int64_t l = lr / BH, r = lr % BH, slot = slots[lr];
         if (pos[lr * S + slot] < 0) continue;
-        const float *k = keys[l] + (r * caps[l] + slot) * D, *v = values[l] + (r * caps[l] + slot) * D;
-        float *mk = mu_k + lr * D, *mv = mu_v + lr * D, *Cr = C + lr * D * D;
-        n[lr] += 1.0f;
-        const float f_b = 1.0f / n[lr], f_a = 1.0f - f_b;
-        for (int64_t d = 0; d < D; ++d) {
-            const float dv = (v[d] - mv[d]) * f_a;
-            float *row = Cr + d * D;
-#pragma omp simd
-            for (int64_t e = 0; e < D; ++e) row[e] += f_b * (dv * (k[e] - mk[e]) - row[e]);
-        }
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) {
-            mk[d] += f_b * (k[d] - mk[d]);
-            mv[d] += f_b * (v[d] - mv[d]);
-        }
+        const int64_t at = (r * caps[l] + slot) * D;
+        absorb_row(D, keys[l] + at, values[l] + at, n + lr, mu_k + lr * D, mu_v + lr * D, C + lr * D * D);
     }
 }
 
-/* The slot to free per row, every layer at once (policies/base.py choose_victim): for each of the
-   rows = L * B * Hkv rows of S slots, the pool is the valid slots holding a position >= pool_from[b];
-   once it holds more than pool_budget[b] entries, its lowest-scoring entry (among ties the oldest),
-   else the first empty slot (0 if none). */
+/* victim_row for every row, the pool starting at pool_from[b] with budget pool_budget[b]. */
 void choose_victim(int64_t rows, int64_t B, int64_t Hkv, int64_t S, const float *scores, const int64_t *pos,
                    const int64_t *pool_from, const int64_t *pool_budget, int64_t *victim, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; ++r) {
-        const int64_t b = (r / Hkv) % B, from = pool_from[b];
-        const float *sr = scores + r * S;
-        const int64_t *pr = pos + r * S;
-        int64_t in_pool = 0, lowest = 0, empty = -1, lowest_pos = INT64_MAX;
-        float lowest_score = INFINITY;
-        for (int64_t i = 0; i < S; ++i) {
-            const int64_t p = pr[i];
-            if (p < 0) {
-                if (empty < 0) empty = i;
-                continue;
-            }
-            if (p < from) continue;
-            ++in_pool;
-            if (sr[i] < lowest_score || (sr[i] == lowest_score && p < lowest_pos)) {
-                lowest_score = sr[i];
-                lowest_pos = p;
-                lowest = i;
-            }
-        }
-        victim[r] = in_pool > pool_budget[b] ? lowest : (empty < 0 ? 0 : empty);
+        const int64_t b = (r / Hkv) % B;
+        victim[r] = victim_row(S, scores + r * S, pos + r * S, pool_from[b], pool_budget[b]);
     }
+}
+
+/* MomentKV's whole step end, row by row: momentum_row, victim_row on its ranks, absorb_row of the
+   victim (n == NULL: no moments; an empty slot adds nothing), then the victim's slot freed
+   (pos = -1) and written to slot [L, BH], which held the slots the step wrote (read first).
+   The same as momentum_scores, choose_victim, absorb_slots and freeing in sequence (tested), with
+   each row's ranks in a scratch row instead of an [L, BH, S] tensor and each row read once while
+   it is in cache; one call instead of four from Python. */
+int momentum_step_end(int64_t L, int64_t B, int64_t Hkv, int64_t S, int64_t D, float *s, const float *a,
+                      float *age, int64_t *pos, const int64_t *recent, float beta, float protect,
+                      const int64_t *pool_from, const int64_t *pool_budget, const int64_t *caps,
+                      const float *const *keys, const float *const *values, float *n, float *mu_k, float *mu_v,
+                      float *C, int64_t *slot, int threads) {
+    const int64_t BH = B * Hkv;
+    const float log_beta = logf(beta);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *rank = malloc(sizeof(float) * (size_t)S);
+        if (!rank) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t lr = 0; lr < L * BH; ++lr) {
+            if (!rank) continue;
+            const int64_t l = lr / BH, r = lr % BH, b = r / Hkv;
+            int64_t *pr = pos + lr * S;
+            momentum_row(S, s + lr * S, a + lr * S, slot[lr], age ? age + lr * S : NULL, pr,
+                         recent ? recent[b] : -1, beta, log_beta, protect, rank);
+            const int64_t victim = victim_row(S, rank, pr, pool_from[b], pool_budget[b]);
+            if (n && pr[victim] >= 0) {
+                const int64_t at = (r * caps[l] + victim) * D;
+                absorb_row(D, keys[l] + at, values[l] + at, n + lr, mu_k + lr * D, mu_v + lr * D, C + lr * D * D);
+            }
+            pr[victim] = -1;
+            slot[lr] = victim;
+        }
+        free(rank);
+    }
+    return failed;
 }

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from policies.base import CachePlan, choose_victim, keep_top
+from policies.base import CachePlan, Policy, choose_victim, keep_top
 from tinyengine import fused
 from tinyengine.attention import PAD_QUERY_POS, attention, attention_probs, causal_attention, reference_attention
 from tinyengine.cache import KVCache, first_free_slot
@@ -104,6 +104,12 @@ class Engine:
         # The kernel computes the policy's per-slot observation itself (momentkv) and writes it into
         # step_scores, read at the step's end: nothing to keep per layer, nothing to stack
         self._kernel_scores = self._fused_decode and self._fused_score is not None and self._fused_score is not False
+        # Eager, it writes the probabilities of a policy that keeps them as they are (Policy.observe)
+        # straight into step_probs [L, B, Hq, S], which score_step reads: no per-layer tensors to stack
+        # (while the policy scores at the step's end: read at each step, which tests switch off)
+        policy = self.plan.decode
+        self._kernel_probs = (self._fused_decode and not compile and policy is not None and policy.needs_probs
+                              and self._fused_score is None and type(policy).observe is Policy.observe)
         self.decode_step = torch.compile(self._decode_step, fullgraph=True, dynamic=False) if compile else self._decode_step
         nc = self.plan.correction
         if nc is not None and nc.count_in_budget:  # the moments' memory, in cache slots, comes off the budget
@@ -132,6 +138,9 @@ class Engine:
                        for i, cap in enumerate(caps)]
         self.layer_keys, self.layer_values = [c.k for c in self.caches], [c.v for c in self.caches]  # (looked up once)
         self.layer_scores = [self.step_scores[i, :, :, :cap] for i, cap in enumerate(caps)]
+        if self._kernel_probs:  # (a smaller layer's tail stays 0, as base.stack_layers pads)
+            self.step_probs = torch.zeros(a.num_layers, batch, a.num_heads, capacity, device=self.device)
+            self.layer_probs = [self.step_probs[i, :, :, :cap] for i, cap in enumerate(caps)]
         self.next_slot = torch.zeros(a.num_layers, batch, a.num_kv_heads, dtype=torch.long, device=self.device)
         self.prompt_len = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.pool_budget = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -302,11 +311,15 @@ class Engine:
             self.next_slot.copy_(first_free_slot(self.pos))
             return
         scores = self.step_scores
+        pool_from = self.prompt_len * 0 if plan.unified else self.prompt_len  # the pool: positions from here on
         if self._kernel_scores:  # the kernel wrote every layer's observation (Policy.fused_score)
+            if plan.decode.fused_step_end(self.pos, self.next_slot, scores, pool_from, self.pool_budget, plan.correction,
+                                          self.layer_keys, self.layer_values):
+                return  # eager CPU: all of the below in one C pass
             scores = plan.decode.score_step(slice(None), self.pos, self.next_slot, plan.correction, observed=scores)
         elif plan.decode.scores_at_step_end:  # every layer scored at once (policies/base.py)
-            scores = plan.decode.score_step(slice(None), self.pos, self.next_slot, plan.correction)
-        pool_from = self.prompt_len * 0 if plan.unified else self.prompt_len  # the pool: positions from here on
+            observed = dict(observed=self.step_probs) if self._kernel_probs else {}
+            scores = plan.decode.score_step(slice(None), self.pos, self.next_slot, plan.correction, **observed)
         victim = fused.choose_victim(scores, self.pos, pool_from, self.pool_budget)  # [L, B, Hkv]; eager CPU: one C pass
         if victim is None:
             victim = choose_victim(scores, self.pos, self.pos >= pool_from[:, None, None], self.pool_budget)
@@ -322,6 +335,7 @@ class Engine:
             slot = self.next_slot[layer]
             policy, nc = plan.decode, plan.correction
             need, scores = policy is not None and policy.needs_probs, None
+            kernel_probs = self._kernel_probs and policy.scores_at_step_end
             mi_weight = self._fused_score
             if self._fused_decode and mi_weight is not False and self.shared_slots[layer] == 0:
                 # The fused kernel: the step's write and one pass over the layer's keys and values for
@@ -331,8 +345,9 @@ class Engine:
                 moments = nc.moments(layer) if nc is not None and nc.apply_nc else None
                 out, probs, _ = fused.decode_attention(q, cache.k, cache.v, pos, cache.pos, moments, need and mi_weight is None,
                                                        mi_weight, self.layer_scores[layer] if self._kernel_scores else None,
-                                                       write=(k, v, slot))
-                if self._kernel_scores:
+                                                       write=(k, v, slot),
+                                                       probs_out=self.layer_probs[layer] if kernel_probs else None)
+                if self._kernel_scores or kernel_probs:
                     return out
             else:
                 cache.write(slot, k[:, :, 0], v[:, :, 0], pos)
@@ -342,6 +357,9 @@ class Engine:
                     out, probs = reference_attention(q, cache.k, cache.v, pos[:, None], cache.pos, shared=self.shared_slots[layer])
                 else:
                     out, probs = attention(q, cache.k, cache.v, pos[:, None], cache.pos, backend=self.decode_backend), None
+                if kernel_probs:  # (a layer with shared slots: the torch path) where score_step reads them
+                    self.layer_probs[layer].copy_(probs[:, :, 0])
+                    return out
             if policy is not None:  # its scores wait for the end of the step (_free_slots)
                 probs = None if probs is None else probs[:, :, 0]
                 if getattr(policy, "needs_query", False):

@@ -45,10 +45,11 @@ SOURCE = Path(__file__).with_name("decode_kernel.c")
 _lib = None  # the loaded kernels (ctypes), False once building them failed
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 SIGNATURES = {  # decode_kernel.c's functions: argument types
-    "decode_attention": [_i64] * 5 + [_ptr] * 4 + [_i64] + [_ptr] * 11 + [_i64, _f32, _i64, _int],
+    "decode_attention": [_i64] * 5 + [_ptr] * 4 + [_i64] + [_ptr] * 10 + [_i64, _ptr, _i64, _f32, _i64, _int],
     "momentum_scores": [_i64] * 4 + [_ptr] * 6 + [_f32] * 2 + [_ptr, _int],
     "absorb_slots": [_i64] * 4 + [_ptr] * 9 + [_int],
     "choose_victim": [_i64] * 4 + [_ptr] * 5 + [_int],
+    "momentum_step_end": [_i64] * 5 + [_ptr] * 5 + [_f32] * 2 + [_ptr] * 10 + [_int],
 }
 
 
@@ -94,7 +95,7 @@ def _load():
             else:
                 for name, argtypes in SIGNATURES.items():
                     getattr(lib, name).argtypes = argtypes
-                lib.decode_attention.restype = ctypes.c_int
+                lib.decode_attention.restype = lib.momentum_step_end.restype = ctypes.c_int
                 _lib = lib
     return _lib
 
@@ -110,14 +111,16 @@ def usable_for(device, dtype) -> bool:
 
 
 def decode_attention(q, k, v, q_pos, kv_pos, moments=None, want_probs=False, mi_weight=None, score_out=None, parts=0,
-                     write=None):
+                     write=None, probs_out=None):
     """q [B, Hq, 1, D], k, v [B, Hkv, S, D], q_pos [B], kv_pos [B, Hkv, S]; moments: one layer's
     (n, mu_k, mu_v, C) for NC, or None. mi_weight: also MomentKV's per-slot score (needs moments),
     written into score_out [B, Hkv, S] if given (its rows may be strided: a layer's view of the
     engine's [L, B, Hkv, S_max] step buffer, so the step's scores need no stacking). parts: split
     each head's slots into this many ranges (0: as the threads need to be evenly busy).
     write: (k_new, v_new [B, Hkv, 1, D], slot [B, Hkv]): first write the step's token into the
-    cache (k, v contiguous, kv_pos's rows evenly spaced), as KVCache.write does.
+    cache (k, v contiguous, kv_pos's rows evenly spaced), as KVCache.write does. probs_out [B, Hq, S]
+    (with want_probs): write the probabilities there (evenly spaced rows, as score_out: a layer's view
+    of the engine's [L, B, Hq, S_max] buffer, so the step's probabilities need no stacking).
     -> (out [B, Hq, 1, D], probs [B, Hq, 1, S] or None, score [B, Hkv, S] or None)."""
     if q.shape[2] != 1 or q.dtype != torch.float32 or k.dtype != torch.float32 or q.device.type != "cpu":
         raise ValueError(f"the fused decode kernel takes one float32 CPU query per head (got {list(q.shape)} {q.dtype} on {q.device})")
@@ -132,7 +135,12 @@ def decode_attention(q, k, v, q_pos, kv_pos, moments=None, want_probs=False, mi_
     B, Hq, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     out = torch.empty(B, Hq, 1, D)
-    probs = torch.empty(B, Hq, 1, S) if want_probs else None
+    probs, probs_stride = (torch.empty(B, Hq, 1, S), S) if want_probs else (None, 0)
+    if want_probs and probs_out is not None:
+        probs, probs_stride = probs_out[:, :, None], _row_stride(probs_out)
+        if probs_out.shape != (B, Hq, S) or probs_out.dtype != torch.float32 or probs_stride is None:
+            raise ValueError(f"probs_out must be float32 {[B, Hq, S]} with evenly spaced rows (got {list(probs_out.shape)}, "
+                             f"strides {probs_out.stride()})")
     score, score_stride = score_out if mi_weight is not None else None, 0
     if score is None and mi_weight is not None:
         score, score_stride = torch.empty(B, Hkv, S), S
@@ -152,7 +160,7 @@ def decode_attention(q, k, v, q_pos, kv_pos, moments=None, want_probs=False, mi_
     pointers = ([q.data_ptr(), k.data_ptr(), v.data_ptr(), kv_pos.data_ptr(), pos_stride, q_pos.data_ptr()]
                 + ([t.data_ptr() for t in new] or [None] * 3) + ([t.data_ptr() for t in moments] or [None] * 4))  # none: NULL
     failed = _lib.decode_attention(B, Hkv, Hq // Hkv, S, D, *pointers, out.data_ptr(), None if probs is None else probs.data_ptr(),
-                                   None if score is None else score.data_ptr(), score_stride,
+                                   probs_stride, None if score is None else score.data_ptr(), score_stride,
                                    float(mi_weight or 0.0), parts, torch.get_num_threads())
     if failed:
         raise MemoryError("tinyengine's fused decode kernel could not allocate its scratch")
@@ -233,6 +241,35 @@ def choose_victim(scores, pos, pool_from, pool_budget):
     _lib.choose_victim(victim.numel(), B, Hkv, S, scores.data_ptr(), pos.data_ptr(), pool_from.data_ptr(),
                        pool_budget.data_ptr(), victim.data_ptr(), torch.get_num_threads())
     return victim
+
+
+def momentum_step_end(s, a, age, pos, recent, beta: float, protect: float, pool_from, pool_budget, slot,
+                      keys=None, values=None, moments=None) -> bool:
+    """MomentKV's step end in one C pass (decode_kernel.c): `momentum_scores` (s, age updated in place),
+    `choose_victim` on its ranks, `absorb_slots` of the victims into moments (n, mu_k, mu_v, C) [L, B,
+    Hkv, ...] if given, with keys, values every layer's cache; then pos [L, B, Hkv, S] is -1 at each
+    victim and slot [L, B, Hkv] (the slots the step wrote, read first) holds the victims. Eager only
+    (the compiled step keeps the separate operators, which inductor fuses with the rest). False
+    (nothing done) where it does not apply: take those four steps instead."""
+    tensors = (s, a, pos, slot, pool_from, pool_budget) + ((age,) if age is not None else ()) + ((recent,) if recent is not None else ())
+    moment_tensors = tuple(moments or ()) + ((keys[0], values[0]) if moments else ())
+    if (torch.compiler.is_compiling() or not _applies(s, a, *moment_tensors, *((age,) if age is not None else ()))
+            or not all(t.is_contiguous() for t in tensors)):
+        return False
+    L, B, Hkv, S = s.shape
+    n, mu_k, mu_v, C = moments or (None,) * 4
+    layer_ptrs = ctypes.c_void_p * L
+    caps = torch.tensor([k.shape[2] for k in keys]) if moments else None
+    failed = _lib.momentum_step_end(
+        L, B, Hkv, S, mu_k.shape[-1] if moments else 0, s.data_ptr(), a.data_ptr(), age.data_ptr() if age is not None else None,
+        pos.data_ptr(), recent.data_ptr() if recent is not None else None, beta, protect, pool_from.data_ptr(),
+        pool_budget.data_ptr(), caps.data_ptr() if moments else None,
+        layer_ptrs(*[k.data_ptr() for k in keys]) if moments else None,
+        layer_ptrs(*[v.data_ptr() for v in values]) if moments else None,
+        *([t.data_ptr() for t in moments] if moments else [None] * 4), slot.data_ptr(), torch.get_num_threads())
+    if failed:
+        raise MemoryError("tinyengine's momentum_step_end kernel could not allocate its scratch")
+    return True
 
 
 # The kernels as operators for a compiled step: each schema marks what it writes (Tensor(a!)), so
