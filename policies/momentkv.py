@@ -401,7 +401,7 @@ class MomentKV(Policy):
 
     def fused_step_end(self, pos, written, observed, pool_from, pool_budget, moments, keys, values) -> bool:
         """score_step(slice(None), ..., observed), then the engine's victim choice, absorb and freeing, in
-        one C pass (eager CPU: tinyengine/fused.py momentum_step_end); False where it does not apply."""
+        one C pass (CPU, eager or compiled: tinyengine/fused.py momentum_step_end); False where it does not apply."""
         S = pos.shape[-1]
         return fused.momentum_step_end(self.scores[..., :S], observed, self.age[..., :S] if self.debias else None, pos,
                                        self.pool_recent if self.recent >= 0 else None, self.beta, PROTECT, pool_from,

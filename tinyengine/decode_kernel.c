@@ -6,7 +6,7 @@
                        MomentKV's per-slot decode score (policies/momentkv.py, mi_cost_decode), in
                        one pass over the keys and values instead of a dozen torch ops per layer;
      momentum_scores, absorb_slots, choose_victim   the step-end work over every layer at once;
-     momentum_step_end  the three, and the victims' freeing, in one pass (eager MomentKV).
+     momentum_step_end  the three, and the victims' freeing, in one pass (MomentKV).
 
    decode_attention.
 

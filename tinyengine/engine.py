@@ -315,7 +315,7 @@ class Engine:
         if self._kernel_scores:  # the kernel wrote every layer's observation (Policy.fused_score)
             if plan.decode.fused_step_end(self.pos, self.next_slot, scores, pool_from, self.pool_budget, plan.correction,
                                           self.layer_keys, self.layer_values):
-                return  # eager CPU: all of the below in one C pass
+                return  # on a CPU: all of the below in one C pass
             scores = plan.decode.score_step(slice(None), self.pos, self.next_slot, plan.correction, observed=scores)
         elif plan.decode.scores_at_step_end:  # every layer scored at once (policies/base.py)
             observed = dict(observed=self.step_probs) if self._kernel_probs else {}

@@ -248,14 +248,18 @@ def momentum_step_end(s, a, age, pos, recent, beta: float, protect: float, pool_
     """MomentKV's step end in one C pass (decode_kernel.c): `momentum_scores` (s, age updated in place),
     `choose_victim` on its ranks, `absorb_slots` of the victims into moments (n, mu_k, mu_v, C) [L, B,
     Hkv, ...] if given, with keys, values every layer's cache; then pos [L, B, Hkv, S] is -1 at each
-    victim and slot [L, B, Hkv] (the slots the step wrote, read first) holds the victims. Eager only
-    (the compiled step keeps the separate operators, which inductor fuses with the rest). False
+    victim and slot [L, B, Hkv] (the slots the step wrote, read first) holds the victims. False
     (nothing done) where it does not apply: take those four steps instead."""
     tensors = (s, a, pos, slot, pool_from, pool_budget) + ((age,) if age is not None else ()) + ((recent,) if recent is not None else ())
     moment_tensors = tuple(moments or ()) + ((keys[0], values[0]) if moments else ())
-    if (torch.compiler.is_compiling() or not _applies(s, a, *moment_tensors, *((age,) if age is not None else ()))
-            or not all(t.is_contiguous() for t in tensors)):
+    if not _applies(s, a, *moment_tensors, *((age,) if age is not None else ())) or not all(t.is_contiguous() for t in tensors):
         return False
+    if torch.compiler.is_compiling():  # as an operator that declares what it writes (end of this file)
+        torch.ops.tinyengine.momentum_step_end(
+            s, a, age if age is not None else s.new_empty(0), pos, recent if recent is not None else pos.new_empty(0), beta,
+            protect, pool_from, pool_budget, slot, list(keys) if moments else [], list(values) if moments else [],
+            *(moments if moments else [s.new_empty(0) for _ in range(4)]))
+        return True
     L, B, Hkv, S = s.shape
     n, mu_k, mu_v, C = moments or (None,) * 4
     layer_ptrs = ctypes.c_void_p * L
@@ -284,6 +288,9 @@ _ops.define("momentum_scores(Tensor(a!) s, Tensor a, Tensor written, float beta,
 _ops.define("absorb_slots(Tensor slots, Tensor[] keys, Tensor[] values, Tensor pos, Tensor(a!) n, Tensor(b!) mu_k, "
             "Tensor(c!) mu_v, Tensor(d!) C) -> ()")
 _ops.define("choose_victim(Tensor scores, Tensor pos, Tensor pool_from, Tensor pool_budget) -> Tensor")
+_ops.define("momentum_step_end(Tensor(a!) s, Tensor a, Tensor(b!) age, Tensor(c!) pos, Tensor recent, float beta, "
+            "float protect, Tensor pool_from, Tensor pool_budget, Tensor(d!) slot, Tensor[] keys, Tensor[] values, "
+            "Tensor(e!) n, Tensor(f!) mu_k, Tensor(g!) mu_v, Tensor(h!) C) -> ()")
 
 
 def _decode_attention_op(q, k, v, q_pos, kv_pos, k_new, v_new, slot, moments, score, want_probs, mi_weight, want_score):
@@ -298,7 +305,14 @@ def _momentum_scores_op(s, a, written, beta, age, pos, recent, protect):  # age,
     return momentum_scores(s, a, written, beta, age if age.numel() else None, pos, recent if recent.numel() else None, protect)
 
 
+def _momentum_step_end_op(s, a, age, pos, recent, beta, protect, pool_from, pool_budget, slot, keys, values, n, mu_k, mu_v, C):
+    """momentum_step_end; age, recent and the moments (n first): empty for none."""
+    momentum_step_end(s, a, age if age.numel() else None, pos, recent if recent.numel() else None, beta, protect, pool_from,
+                      pool_budget, slot, keys, values, (n, mu_k, mu_v, C) if n.numel() else None)
+
+
 _ops.impl("decode_attention", _decode_attention_op, "CPU")
+_ops.impl("momentum_step_end", _momentum_step_end_op, "CPU")
 _ops.impl("momentum_scores", _momentum_scores_op, "CPU")
 _ops.impl("absorb_slots", lambda *args: absorb_slots(*args) and None, "CPU")
 _ops.impl("choose_victim", choose_victim, "CPU")
@@ -306,5 +320,6 @@ torch.library.register_fake("tinyengine::decode_attention", lib=_ops)(
     lambda q, k, *rest: (q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[1], 1, k.shape[2]) if rest[-3] else (0,))))
 torch.library.register_fake("tinyengine::momentum_scores", lib=_ops)(lambda s, *rest: torch.empty_like(s))
 torch.library.register_fake("tinyengine::absorb_slots", lib=_ops)(lambda *args: None)
+torch.library.register_fake("tinyengine::momentum_step_end", lib=_ops)(lambda *args: None)
 torch.library.register_fake("tinyengine::choose_victim", lib=_ops)(
     lambda scores, *rest: scores.new_empty(scores.shape[:-1], dtype=torch.long))
