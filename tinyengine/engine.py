@@ -339,9 +339,9 @@ class Engine:
             mi_weight = self._fused_score
             if self._fused_decode and mi_weight is not False and self.shared_slots[layer] == 0:
                 # The fused kernel: the step's write and one pass over the layer's keys and values for
-                # attention, NC when it applies, and the probabilities or, for a policy whose decode
-                # observation the kernel computes (momentkv), that, into step_scores (with a correction,
-                # as that policy has, shared_slots is 0: every layer comes here)
+                # attention, NC when it applies, and the probabilities (into step_probs, eager) or, for a
+                # policy whose decode observation the kernel computes (momentkv), that, into step_scores
+                # (with a correction, as that policy has, shared_slots is 0: every layer comes here)
                 moments = nc.moments(layer) if nc is not None and nc.apply_nc else None
                 out, probs, _ = fused.decode_attention(q, cache.k, cache.v, pos, cache.pos, moments, need and mi_weight is None,
                                                        mi_weight, self.layer_scores[layer] if self._kernel_scores else None,
