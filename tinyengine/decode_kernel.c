@@ -440,6 +440,17 @@ static void absorb_row(int64_t D, const float *k, const float *v, float *n, floa
     }
 }
 
+/* absorb_slot: absorb_row of the entry in slot `slot` of row lr = l * BH + r (layer l's keys and
+   values [BH, caps[l], D], the moments [L * BH, ...]) if its position pos_row[slot] is valid (an
+   empty slot adds nothing). */
+static void absorb_slot(int64_t lr, int64_t BH, int64_t D, int64_t slot, const int64_t *pos_row, const int64_t *caps,
+                        const float *const *keys, const float *const *values, float *n, float *mu_k, float *mu_v,
+                        float *C) {
+    if (pos_row[slot] < 0) return;
+    const int64_t l = lr / BH, at = (lr % BH * caps[l] + slot) * D;
+    absorb_row(D, keys[l] + at, values[l] + at, n + lr, mu_k + lr * D, mu_v + lr * D, C + lr * D * D);
+}
+
 /* momentum_row for every row: s, a, age (NULL: no debias), pos, rank [rows, S]; recent [B] (NULL:
    no window, and pos may be NULL). */
 void momentum_scores(int64_t rows, int64_t B, int64_t Hkv, int64_t S, float *s, const float *a, const int64_t *written,
@@ -452,19 +463,14 @@ void momentum_scores(int64_t rows, int64_t B, int64_t Hkv, int64_t S, float *s, 
                      recent ? recent[(r / Hkv) % B] : -1, beta, log_beta, protect, rank + r * S);
 }
 
-/* absorb_row for each layer l and each of its BH = B * Hkv rows r: the entry in slot slots[l, r] of
-   layer l's keys/values [BH, caps[l], D], if its position (pos [L, BH, S]) is valid (>= 0; an empty
-   slot adds nothing), into n [L, BH], mu_k, mu_v [L, BH, D] and C [L, BH, D, D]. */
+/* absorb_slot for each layer l and each of its BH = B * Hkv rows: slots [L, BH], pos [L, BH, S], the
+   moments n [L, BH], mu_k, mu_v [L, BH, D] and C [L, BH, D, D]. */
 void absorb_slots(int64_t L, int64_t BH, int64_t S, int64_t D, const int64_t *caps, const int64_t *slots,
                   const float *const *keys, const float *const *values, const int64_t *pos,
                   float *n, float *mu_k, float *mu_v, float *C, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t lr = 0; lr < L * BH; ++lr) {
-        const int64_t l = lr / BH, r = lr % BH, slot = slots[lr];
-        if (pos[lr * S + slot] < 0) continue;
-        const int64_t at = (r * caps[l] + slot) * D;
-        absorb_row(D, keys[l] + at, values[l] + at, n + lr, mu_k + lr * D, mu_v + lr * D, C + lr * D * D);
-    }
+    for (int64_t lr = 0; lr < L * BH; ++lr)
+        absorb_slot(lr, BH, D, slots[lr], pos + lr * S, caps, keys, values, n, mu_k, mu_v, C);
 }
 
 /* victim_row for every row, the pool starting at pool_from[b] with budget pool_budget[b]. */
@@ -477,7 +483,7 @@ void choose_victim(int64_t rows, int64_t B, int64_t Hkv, int64_t S, const float 
     }
 }
 
-/* MomentKV's whole step end, row by row: momentum_row, victim_row on its ranks, absorb_row of the
+/* MomentKV's whole step end, row by row: momentum_row, victim_row on its ranks, absorb_slot of the
    victim (n == NULL: no moments; an empty slot adds nothing), then the victim's slot freed
    (pos = -1) and written to slot [L, BH], which held the slots the step wrote (read first).
    The same as momentum_scores, choose_victim, absorb_slots and freeing in sequence (tested), with
@@ -501,15 +507,12 @@ int momentum_step_end(int64_t L, int64_t B, int64_t Hkv, int64_t S, int64_t D, f
 #pragma omp for schedule(static)
         for (int64_t lr = 0; lr < L * BH; ++lr) {
             if (!rank) continue;
-            const int64_t l = lr / BH, r = lr % BH, b = r / Hkv;
+            const int64_t b = lr % BH / Hkv;
             int64_t *pr = pos + lr * S;
             momentum_row(S, s + lr * S, a + lr * S, slot[lr], age ? age + lr * S : NULL, pr,
                          recent ? recent[b] : -1, beta, log_beta, protect, rank);
             const int64_t victim = victim_row(S, rank, pr, pool_from[b], pool_budget[b]);
-            if (n && pr[victim] >= 0) {
-                const int64_t at = (r * caps[l] + victim) * D;
-                absorb_row(D, keys[l] + at, values[l] + at, n + lr, mu_k + lr * D, mu_v + lr * D, C + lr * D * D);
-            }
+            if (n) absorb_slot(lr, BH, D, victim, pr, caps, keys, values, n, mu_k, mu_v, C);
             pr[victim] = -1;
             slot[lr] = victim;
         }

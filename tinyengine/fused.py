@@ -218,13 +218,22 @@ def absorb_slots(slots, keys, values, pos, n, mu_k, mu_v, C) -> bool:
         torch.ops.tinyengine.absorb_slots(slots, list(keys), list(values), pos, n, mu_k, mu_v, C)
         return True
     L, S, D = len(keys), pos.shape[-1], keys[0].shape[-1]
-    caps = torch.tensor([k.shape[2] for k in keys])
-    layer_ptrs = ctypes.c_void_p * L
+    caps, key_ptrs, value_ptrs = _layer_pointers(keys, values)
     slots, pos = slots.contiguous(), pos.contiguous()
-    _lib.absorb_slots(L, n[0].numel(), S, D, caps.data_ptr(), slots.data_ptr(), layer_ptrs(*[k.data_ptr() for k in keys]),
-                      layer_ptrs(*[v.data_ptr() for v in values]), pos.data_ptr(), n.data_ptr(), mu_k.data_ptr(),
-                      mu_v.data_ptr(), C.data_ptr(), torch.get_num_threads())
+    _lib.absorb_slots(L, n[0].numel(), S, D, caps.data_ptr(), slots.data_ptr(), key_ptrs, value_ptrs, pos.data_ptr(),
+                      n.data_ptr(), mu_k.data_ptr(), mu_v.data_ptr(), C.data_ptr(), torch.get_num_threads())
     return True
+
+
+def _layer_pointers(keys, values):
+    """Every layer's cache for the C step-end kernels: (capacities [L] int64, key and value addresses)."""
+    addresses = ctypes.c_void_p * len(keys)
+    return (torch.tensor([k.shape[2] for k in keys]), addresses(*[k.data_ptr() for k in keys]),
+            addresses(*[v.data_ptr() for v in values]))
+
+
+def _address(t):
+    return None if t is None else t.data_ptr()  # (None: NULL)
 
 
 def choose_victim(scores, pos, pool_from, pool_budget):
@@ -250,27 +259,21 @@ def momentum_step_end(s, a, age, pos, recent, beta: float, protect: float, pool_
     Hkv, ...] if given, with keys, values every layer's cache; then pos [L, B, Hkv, S] is -1 at each
     victim and slot [L, B, Hkv] (the slots the step wrote, read first) holds the victims. False
     (nothing done) where it does not apply: take those four steps instead."""
-    tensors = (s, a, pos, slot, pool_from, pool_budget) + ((age,) if age is not None else ()) + ((recent,) if recent is not None else ())
-    moment_tensors = tuple(moments or ()) + ((keys[0], values[0]) if moments else ())
-    if not _applies(s, a, *moment_tensors, *((age,) if age is not None else ())) or not all(t.is_contiguous() for t in tensors):
+    n, mu_k, mu_v, C = moments or (None,) * 4
+    floats = [t for t in (s, a, age, n, mu_k, mu_v, C) if t is not None] + ([keys[0], values[0]] if moments else [])
+    if not _applies(*floats) or not all(t.is_contiguous() for t in (pos, slot, pool_from, pool_budget, recent) if t is not None):
         return False
-    if torch.compiler.is_compiling():  # as an operator that declares what it writes (end of this file)
-        torch.ops.tinyengine.momentum_step_end(
-            s, a, age if age is not None else s.new_empty(0), pos, recent if recent is not None else pos.new_empty(0), beta,
-            protect, pool_from, pool_budget, slot, list(keys) if moments else [], list(values) if moments else [],
-            *(moments if moments else [s.new_empty(0) for _ in range(4)]))
+    if torch.compiler.is_compiling():  # as an operator that declares what it writes (end of this file); empty: none
+        age, recent, n, mu_k, mu_v, C = (t if t is not None else s.new_empty(0) for t in (age, recent, n, mu_k, mu_v, C))
+        torch.ops.tinyengine.momentum_step_end(s, a, age, pos, recent, beta, protect, pool_from, pool_budget, slot,
+                                               list(keys) if moments else [], list(values) if moments else [], n, mu_k, mu_v, C)
         return True
     L, B, Hkv, S = s.shape
-    n, mu_k, mu_v, C = moments or (None,) * 4
-    layer_ptrs = ctypes.c_void_p * L
-    caps = torch.tensor([k.shape[2] for k in keys]) if moments else None
-    failed = _lib.momentum_step_end(
-        L, B, Hkv, S, mu_k.shape[-1] if moments else 0, s.data_ptr(), a.data_ptr(), age.data_ptr() if age is not None else None,
-        pos.data_ptr(), recent.data_ptr() if recent is not None else None, beta, protect, pool_from.data_ptr(),
-        pool_budget.data_ptr(), caps.data_ptr() if moments else None,
-        layer_ptrs(*[k.data_ptr() for k in keys]) if moments else None,
-        layer_ptrs(*[v.data_ptr() for v in values]) if moments else None,
-        *([t.data_ptr() for t in moments] if moments else [None] * 4), slot.data_ptr(), torch.get_num_threads())
+    caps, key_ptrs, value_ptrs = _layer_pointers(keys, values) if moments else (None,) * 3
+    failed = _lib.momentum_step_end(L, B, Hkv, S, mu_k.shape[-1] if moments else 0, s.data_ptr(), a.data_ptr(), _address(age),
+                                    pos.data_ptr(), _address(recent), beta, protect, pool_from.data_ptr(), pool_budget.data_ptr(),
+                                    _address(caps), key_ptrs, value_ptrs, _address(n), _address(mu_k), _address(mu_v),
+                                    _address(C), slot.data_ptr(), torch.get_num_threads())
     if failed:
         raise MemoryError("tinyengine's momentum_step_end kernel could not allocate its scratch")
     return True
