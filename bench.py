@@ -52,10 +52,13 @@ SIZES = {
 RULER_RATIOS_DEFAULT = [0.5, 0.75]  # RULER runs fewer ratios than fidelity (its decode is the costly part)
 # momentkv's default base (every prompt query votes, policies/momentkv.py section 5) is tuned for fidelity; RULER also
 # runs it on SnapKV's base (the last 32 queries vote, pooled over 7), to show what MI + NC add to retrieval there.
-RULER_EXTRA = ["momentkv{recent=-1;window=32;kernel=7}"]  # (the extra rows run at the default and large sizes)
+# base=keys is its query-agnostic base (key geometry against the summary, section 5b), recent=0.05 the best of
+# 0.25/0.05 on RULER samples of another seed (7, 2 per task and length); fidelity shows what it costs on prose.
+KEY_BASE = "momentkv{base=keys;recent=0.05}"
+RULER_EXTRA = ["momentkv{recent=-1;window=32;kernel=7}", KEY_BASE]  # (the extra rows run at the default and large sizes)
 # kvpress's presses compress the prompt only and keep every generated token; unified momentkv keeps its budget in
 # total. The prefill-only row is momentkv at kvpress's parity.
-FIDELITY_EXTRA = ["momentkv{prefill_only=1}"]
+FIDELITY_EXTRA = ["momentkv{prefill_only=1}", KEY_BASE]
 # Long generation (issue 5 part C). momentum{debias=1} is the finding of that suite: with the paper's rule a
 # fresh token competes with (1 - beta) times its self-attention, so the newest go first (policies/momentum.py).
 DECODE_POLICIES = ["momentum", "momentum{debias=1}", "scope", "h2o", "streamingllm", "tova"]

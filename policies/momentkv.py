@@ -61,6 +61,20 @@ policies/correction.py implement.
    a prompt token with the same attention, and is evicted at once: on SmolLM2 (512-token
    prompt, 48 teacher-forced steps, budget 128) KL to full 0.40 without, 0.18 with.
 
+5b. Query-agnostic base (`base="keys"`). The attention base scores what the observation queries
+   attend to; when the question comes after the compression (RULER's query-agnostic setting,
+   bench.py), those queries are the context's own, and a needle they do not read is dropped.
+   base="keys" needs no query: a token's keep score is 1 - cos(k_i, mu_k), the distance of its
+   key's direction from the key mean of the summary (`key_distinctness`), so tokens whose keys the
+   summary already points along go first, the paper's "tokens already well captured by the
+   accumulated summary", measured by the summary's key direction alone. At prefill the summary
+   is the one the eviction produces (as for MI: KeyDiff's choice, anchored on the mean unit key,
+   gives the drop set, merged into the current moments; one fixed-point step); with mi="none"
+   the anchor stays KeyDiff's and the prompt set is KeyDiff's (tested). At decode the observation
+   is the same score against the current moments, through the same momentum and recent window
+   (with a constant observation the debiased EMA is that score). The MI cost and the fused score
+   kernel are not used (the step runs in torch, policies/momentkv.py observe). NC is unchanged.
+
 6. Pools. `momentkv` alone is unified: prefill compresses the prompt to --budget and decode
    keeps the whole cache within the same --budget, evicting prompt or generated tokens alike.
    Composed, `snapkv+momentkv` freezes snapkv's prompt and manages the generated tokens within
@@ -261,6 +275,20 @@ def mi_cost_sum(q, allowed, keys, values, current: Moments, reference: Moments, 
                for t in range(0, q.shape[2], step))
 
 
+def key_distinctness(keys, pos, anchor=None, have=None) -> torch.Tensor:
+    """1 - cos(k_i, anchor) per slot (docstring, 5b): keys [..., N, D], pos [..., N] (-1: empty) -> [..., N].
+
+    anchor [..., D]: the summary's key mean, used where `have` [...] is True (the summary holds
+    tokens); elsewhere KeyDiff's anchor, the mean unit key of the valid entries (policies/keydiff.py:
+    the same ranking as its -cos, shifted to [0, 2] so that scores are never negative, like attention)."""
+    k = keys.float()
+    valid = (pos >= 0).unsqueeze(-1)
+    mean_unit = (F.normalize(k, dim=-1) * valid).sum(-2) / valid.sum(-2).clamp(min=1)
+    if anchor is not None:
+        mean_unit = torch.where(have.unsqueeze(-1), anchor.float(), mean_unit)
+    return 1 - F.cosine_similarity(k, mean_unit.unsqueeze(-2), dim=-1)
+
+
 def vote_scores(window_probs, pos, kernel: int, pooling: str) -> torch.Tensor:
     """SnapKV's votes without its window protection: the window queries' mean attention, pooled
     along the sequence, averaged over each kv head's query group. [B, Hq, W, N] -> [B, Hkv, N]."""
@@ -292,6 +320,7 @@ class MomentKV(Policy):
     debias = True  # rank by s / (1 - beta^age): new tokens compete with the prompt's stationary scores
     recent = 0.25  # newest tokens protected, a fraction of the budget (H2O's recent window); < 0: SnapKV's window
     carry = "best"  # decode start score of protected prompt tokens: best (kept score of their row) | own (their votes)
+    base = "attention"  # base score: attention (observed queries) | keys (query-agnostic key geometry, docstring 5b)
 
     def needs_moments(self) -> bool:  # a method, so it is not a --policy-arg option
         return self.mi != "none"
@@ -308,6 +337,11 @@ class MomentKV(Policy):
             raise ValueError(f"momentkv: recent is a fraction of the budget, < 1 (got {self.recent}; < 0: the window)")
         if self.carry not in ("best", "own"):
             raise ValueError(f"momentkv: carry must be best or own (got {self.carry!r})")
+        if self.base not in ("attention", "keys"):
+            raise ValueError(f"momentkv: base must be attention or keys (got {self.base!r})")
+        if self.base == "keys" and self.recent < 0:
+            raise ValueError("momentkv: base=keys protects the newest tokens by `recent` (>= 0), not SnapKV's window; "
+                             f"set recent to a fraction of the budget (got {self.recent})")
 
     def check_budget(self, budget: int):
         if self.recent >= 0:
@@ -360,6 +394,8 @@ class MomentKV(Policy):
                 s[..., : kept_scores.shape[-1]] = torch.where(protected, best, kept_scores)
 
     def prefill_scores(self, layer, keys, values, pos, window_probs, window=None, keep=None, moments=None):
+        if self.base == "keys":
+            return self._key_prefill_scores(layer, keys, values, pos, keep, moments)
         if self.recent >= 0:
             raw = vote_scores(window_probs, pos, self.kernel, self.pooling)
             base = raw.masked_fill(recent_mask(pos, self._keep_recent), PROTECT)
@@ -382,6 +418,20 @@ class MomentKV(Policy):
         self._cand[layer] = raw + self.mi_weight * cost
         return torch.where(base >= PROTECT, base, base + self.mi_weight * cost)
 
+    def _key_prefill_scores(self, layer, keys, values, pos, keep, moments):
+        """base=keys (docstring, 5b): distinctness from the key mean of the summary the eviction
+        produces, found as mi="nc" finds its reference: KeyDiff's choice first, its drop set merged
+        into the current moments, then every candidate measured against that summary's mean."""
+        raw = key_distinctness(keys, pos)
+        protected = recent_mask(pos, self._keep_recent)
+        if self.mi != "none" and moments is not None:
+            idx, kept = keep_top(raw.masked_fill(protected, PROTECT), pos, keep)
+            dropped = (pos >= 0) & ~torch.zeros_like(pos, dtype=torch.bool).scatter(2, idx, kept)
+            n, mu_k = merge(moments.moments(layer), batch_moments(keys, values, dropped))[:2]
+            raw = key_distinctness(keys, pos, mu_k, n > 0)
+        self._cand[layer] = raw
+        return raw.masked_fill(protected, PROTECT)
+
     def decode_scores(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None,
                       value=None):
         self.observe(layer, probs, pos, written, query, out, cache, moments, attn_scores, value)
@@ -392,7 +442,7 @@ class MomentKV(Policy):
     scores_at_step_end = True
 
     def _mi_from_nc(self, moments) -> bool:  # MI read from NC attention's own scores: the fast path
-        return self.mi == "nc" and moments is not None and moments.apply_nc
+        return self.base == "attention" and self.mi == "nc" and moments is not None and moments.apply_nc
 
     def fused_score(self, moments):
         if not self._mi_from_nc(moments):
@@ -413,6 +463,10 @@ class MomentKV(Policy):
         """Keep what this layer's attention gives the step's scoring (per-layer work: what needs the cache).
         value [B, Hkv, 1, D]: the new token's, written into slot `written`."""
         B, Hkv, S = pos.shape
+        if self.base == "keys":  # the keys' distinctness from the current summary (docstring, 5b)
+            n, mu_k = moments.moments(layer)[:2] if self.mi != "none" and moments is not None else (None, None)
+            self._kept[layer] = (key_distinctness(cache.k, pos, mu_k, None if n is None else n > 0),)
+            return
         if self._mi_from_nc(moments):
             logits, probs_ext = attn_scores  # [B, Hkv, G, S + 1], the virtual slot last
             o = out.float().view(B, Hkv, -1, out.shape[-1])

@@ -233,7 +233,8 @@ def tiny():
 
 
 @pytest.mark.parametrize("spec, options", [("full", {}), ("h2o", {"budget": 24}), ("tova", {"budget": 24}),
-                                           ("momentkv", {"budget": 24}), ("snapkv+momentum", {"budget": 34, "decode_budget": 8}),
+                                           ("momentkv", {"budget": 24}), ("momentkv", {"budget": 24, "options": {"base": "keys"}}),
+                                           ("snapkv+momentum", {"budget": 34, "decode_budget": 8}),
                                            ("h2o", {"budget": 24, "correction": "nc"}),
                                            ("pyramidkv+momentkv", {"budget": 24, "decode_budget": 8, "options": {"pyramidkv.window": 4}}),
                                            ("pyramidkv+momentum", {"budget": 24, "decode_budget": 8, "options": {"pyramidkv.window": 4}}),

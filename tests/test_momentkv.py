@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from policies import make_plan
 from policies.correction import Correction, batch_moments, flex_with_lse, moment_floats, nc_attention, nc_merge
-from policies.momentkv import ABLATION, mi_cost, mi_cost_decode, value_distances
+from policies.momentkv import ABLATION, key_distinctness, mi_cost, mi_cost_decode, value_distances
 from tinyengine.attention import reference_attention
 from tinyengine.engine import Engine
 from tinyengine.errors import TinyEngineError
@@ -352,6 +352,10 @@ def test_plans_and_errors():
         make_plan("momentkv", budget=128, options={"carry": "all"})
     with pytest.raises(ValueError, match="recent"):
         make_plan("momentkv", budget=128, options={"recent": 1.0})
+    with pytest.raises(ValueError, match="base must be attention or keys"):
+        make_plan("momentkv", budget=128, options={"base": "values"})
+    with pytest.raises(ValueError, match="base=keys protects the newest tokens"):
+        make_plan("momentkv", budget=128, options={"base": "keys", "recent": -1})
 
 
 def layer0_kv(model, tokens):
@@ -452,6 +456,74 @@ def test_mi_changes_the_prompt_selection(model):
     assert any(not torch.equal(a.pos.sort(-1).values, b.pos.sort(-1).values) for a, b in zip(snap.caches, mi.caches))
 
 
+@given(seed=st.integers(0, 2**31), N=st.integers(1, 12), data=st.data())
+def test_key_distinctness_is_one_minus_cosine_to_the_anchor(seed, N, data):
+    """key_distinctness against its float64 definition: 1 - cos(k_i, a), with a the summary's key
+    mean where the summary holds tokens, else the mean unit key of the valid slots (KeyDiff's)."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, D = 2, 3, 8
+    keys = torch.randn(B, Hkv, N, D, generator=g) * torch.rand(B, Hkv, N, 1, generator=g).mul(3).add(0.1)
+    pos = torch.where(torch.rand(B, Hkv, N, generator=g) < 0.3, -1, torch.arange(N).expand(B, Hkv, N))
+    pos[..., 0] = 0  # at least one valid slot
+    mu_k, have = torch.randn(B, Hkv, D, generator=g), torch.rand(B, Hkv, generator=g) < data.draw(st.floats(0, 1))
+    for anchor, where in ((None, None), (mu_k, have)):
+        got = key_distinctness(keys, pos, anchor, where)
+        for b in range(B):
+            for h in range(Hkv):
+                k = keys[b, h].double()
+                unit = k[pos[b, h] >= 0] / k[pos[b, h] >= 0].norm(dim=-1, keepdim=True)
+                a = mu_k[b, h].double() if where is not None and where[b, h] else unit.mean(0)
+                want = 1 - (k @ a) / (k.norm(dim=-1) * a.norm())
+                torch.testing.assert_close(got[b, h].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_key_base_without_mi_keeps_keydiffs_prompt(model):
+    """base=keys without MI or NC, nothing protected (recent=0): KeyDiff's ranking, so KeyDiff's prompt
+    set, in one pass and chunk by chunk (both anchor on the compressed cache plus the chunk; NC would
+    change the later layers' keys after the first chunk's evictions)."""
+    prompts = prompts_of([80, 50])
+    for chunk in (None, 32):
+        keydiff = Engine(model, make_plan("keydiff", budget=40), prefill_chunk=chunk)
+        mkv = Engine(model, make_plan("momentkv", budget=40, options={"base": "keys", "recent": 0, **ABLATION["evict-only"]}),
+                     prefill_chunk=chunk)
+        for e in (keydiff, mkv):
+            e.generate(prompts, 1)
+        for a, b in zip(keydiff.caches, mkv.caches):
+            assert torch.equal(a.pos.sort(-1).values, b.pos[..., : a.pos.shape[-1]].sort(-1).values)
+
+
+def test_key_base_measures_against_the_summary(model):
+    """base=keys with MI (default mi): at prefill the anchor is the key mean of the summary the
+    eviction produces (it changes the set against KeyDiff's anchor on some layer); at decode each
+    step's scores are 1 - cos(k_i, mu_k) with the moments of that step (the EMA of a constant, debiased:
+    exactly it for tokens that entered at decode; the prompt's carry their prefill score through the EMA)."""
+    prompts = prompts_of([120])
+    plain = Engine(model, make_plan("momentkv", budget=40, options={"base": "keys", "mi": "none"}))
+    mi = Engine(model, make_plan("momentkv", budget=40, options={"base": "keys"}))
+    for e in (plain, mi):
+        e.generate(prompts, 1)
+    assert any(not torch.equal(a.pos.sort(-1).values, b.pos.sort(-1).values) for a, b in zip(plain.caches, mi.caches))
+    e = Engine(model, make_plan("momentkv", budget=40, options={"base": "keys", "beta": 0.0}))  # beta 0: the step's own score
+    seen = []
+    score_step = e.plan.decode.score_step
+
+    def spy(layer, pos, written, moments=None, observed=None):
+        n, mu_k = moments.n.clone(), moments.mu_k.clone()  # before this step's eviction
+        keys = torch.stack([c.k for c in e.caches])
+        scores = score_step(layer, pos, written, moments, observed)
+        seen.append((scores.clone(), pos.clone(), keys, n, mu_k))
+        return scores
+
+    e.plan.decode.score_step = spy
+    e.generate(prompts, 6)
+    assert len(seen) == 5
+    for scores, pos, keys, n, mu_k in seen:
+        want = key_distinctness(keys, pos, mu_k, n > 0)
+        free = (pos >= 0) & (scores < 1e6)  # not in the protected recent window
+        assert free.any() and (n > 0).all()
+        torch.testing.assert_close(scores[free], want[free], atol=1e-5, rtol=1e-5)
+
+
 def test_counting_moments_in_the_budget(model):
     a = model.args
     plan = make_plan("momentkv", budget=48, options={**W, "count_moments_in_budget": "1"})
@@ -481,15 +553,16 @@ def test_kept_value_norms_are_the_caches(model, spec, kw):
         torch.testing.assert_close(norm2[valid], torch.linalg.vecdot(cache.v, cache.v)[valid])
 
 
-@pytest.mark.parametrize("backend", [None, "reference"])  # the CPU's fused kernels as operators; the torch code (CUDA's)
-def test_compiled_momentkv_equals_eager_without_recompiles(backend):
+@pytest.mark.parametrize("backend,options", [  # the CPU's fused kernels as operators; the torch code (CUDA's)
+    (None, W), ("reference", W), (None, {**W, "base": "keys"})])
+def test_compiled_momentkv_equals_eager_without_recompiles(backend, options):
     """MI + NC + momentum in the compiled decode step: equal to eager, and 100 decode steps with
     other prompts, lengths and evictions reuse the one graph."""
     import torch._dynamo
 
     _, model = tiny_pair(seed=3)
-    compiled = Engine(model, make_plan("momentkv", budget=40, options=W), compile=True, decode_backend=backend)
-    eager = Engine(model, make_plan("momentkv", budget=40, options=W), decode_backend=backend)
+    compiled = Engine(model, make_plan("momentkv", budget=40, options=options), compile=True, decode_backend=backend)
+    eager = Engine(model, make_plan("momentkv", budget=40, options=options), decode_backend=backend)
     for e in (compiled, eager):
         e.setup(2, 200)
     torch._dynamo.reset()

@@ -339,6 +339,7 @@ def test_prefill_only_keeps_the_unified_prefill_selection_and_every_generated_to
     ("momentkv", dict(budget=40, options={"window": "16"})),
     ("pyramidkv+momentkv", dict(budget=40, decode_budget=12)),
     ("momentkv", dict(budget=40, options={"window": "16", "per_kv_head": "0", "mi": "value"})),  # MI per layer, all heads
+    ("momentkv", dict(budget=40, options={"base": "keys"})),
 ])
 def test_scoring_every_layer_at_step_end_equals_layer_by_layer(model, spec, kw):
     """Every built-in decode policy scores all layers at once after a step's last layer (the

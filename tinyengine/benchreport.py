@@ -78,6 +78,25 @@ def bold_best(cells: list[str], values: list, higher: bool) -> list[str]:
     return [f"**{c}**" if v == best else c for c, v in zip(cells, values)]
 
 
+def momentkv_standing(by: dict, methods: list, ratios: list, metric: str, higher: bool, fmt, what: str) -> str:
+    """A line read off a table: per column, momentkv's best row (any of its variants) against the best
+    other method's, ours or kvpress's (issue 6 asks momentkv to lead every row)."""
+    ours = [m for m in methods if m.split("{")[0] == "momentkv"]
+    others = [m for m in methods if m not in ours and not m.startswith("full")]
+
+    def best(ms, r):
+        got = [(by[(m, r)][metric], m) for m in ms if (m, r) in by and not math.isnan(by[(m, r)][metric])]
+        return (max if higher else min)(got, key=lambda x: x[0]) if got else None
+
+    parts = []
+    for r in ratios:
+        a, b = best(ours, r), best(others, r)
+        if a and b:
+            verdict = "tied" if a[0] == b[0] else "leads" if (a[0] > b[0]) == higher else "behind"
+            parts.append(f"ratio {r}: {a[1]} {fmt(a[0])} against {b[1]} {fmt(b[0])}, {verdict}")
+    return f"MomentKV's best row against the best other method ({what}): " + "; ".join(parts) + "." if parts else ""
+
+
 def label(row: dict) -> str:
     return f"{row['method']} (kvpress)" if row.get("source") == "kvpress" else row["method"]
 
@@ -151,6 +170,8 @@ def section_fidelity(d: dict, img: Path, root: Path) -> str:
                 cells[m][j] = c
         out += [f"**{name}**" + (f" (full: {fmt(by[('full', None)][metric])})" if ("full", None) in by else ""), "",
                 table(header, [[m] + cells[m] for m in methods]), ""]
+        standing = momentkv_standing(by, methods, ratios, metric, higher, fmt, name)
+        out += [standing, ""] if standing else []
     check = [r for r in d["rows"] if r.get("table") == "check"]
     if check:
         out.append(f"Check: transformers' full cache against ours, KL {f(check[0]['kl'])}, top-1 {pct(check[0]['top1'])}.")
@@ -236,6 +257,8 @@ def section_ruler(d: dict, img: Path) -> str:
         for row, c in zip(body, col):
             row[j] = c
     out += [table(header, body), ""]
+    standing = momentkv_standing(by, methods, ratios, "score", True, pct, "all lengths")
+    out += [standing, ""] if standing else []
     out += ruler_parity(by, ratios, by.get(("full", None), {}).get("n"))
     th = ["method"] + [f"{t} @ ratio {ratios[0]}" for t in tasks] if ratios else []
     if ratios:
