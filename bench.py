@@ -61,7 +61,7 @@ RULER_EXTRA = ["momentkv{recent=-1;window=32;kernel=7}", KEY_BASE]  # (the extra
 FIDELITY_EXTRA = ["momentkv{prefill_only=1}", KEY_BASE]
 # Long generation (issue 5 part C). momentum{debias=1} is the finding of that suite: with the paper's rule a
 # fresh token competes with (1 - beta) times its self-attention, so the newest go first (policies/momentum.py).
-DECODE_POLICIES = ["momentum", "momentum{debias=1}", "scope", "h2o", "streamingllm", "tova"]
+DECODE_POLICIES = ["momentum", "momentum{debias=1}", "scope", "h2o", "streamingllm", "tova", "momentkv"]
 # scope keeps a recent window of 256 generated tokens, more than small decode budgets hold: when it does not fit,
 # its window is half the smallest decode budget of the run, the same at every budget so that they share one batch.
 RETRY_OPTIONS = {"scope": lambda budgets: {"recent": min(budgets) // 2}}
@@ -621,7 +621,7 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
     tokens banned so every run writes the same length). Per decode-time policy and decode
     budget: the sub-question score of its own output, and KL/top-1 to `full` along full's
     trajectory (teacher-forced). Decode-only and separate-pool policies run with the prompt
-    kept and the budget on the generated tokens; unified ones (h2o, streamingllm, tova) at the
+    kept and the budget on the generated tokens; unified ones (h2o, streamingllm, tova, momentkv) at the
     same total capacity, prompt + decode budget (parity as in the Moment-KV paper)."""
     import torch
 

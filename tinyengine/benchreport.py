@@ -78,7 +78,8 @@ def bold_best(cells: list[str], values: list, higher: bool) -> list[str]:
     return [f"**{c}**" if v == best else c for c, v in zip(cells, values)]
 
 
-def momentkv_standing(by: dict, methods: list, ratios: list, metric: str, higher: bool, fmt, what: str) -> str:
+def momentkv_standing(by: dict, methods: list, ratios: list, metric: str, higher: bool, fmt, what: str,
+                      column: str = "ratio") -> str:
     """A line read off a table: per column, momentkv's best row (any of its variants) against the best
     other method's, ours or kvpress's (issue 6 asks momentkv to lead every row)."""
     ours = [m for m in methods if m.split("{")[0] == "momentkv"]
@@ -93,7 +94,7 @@ def momentkv_standing(by: dict, methods: list, ratios: list, metric: str, higher
         a, b = best(ours, r), best(others, r)
         if a and b:
             verdict = "tied" if a[0] == b[0] else "leads" if (a[0] > b[0]) == higher else "behind"
-            parts.append(f"ratio {r}: {a[1]} {fmt(a[0])} against {b[1]} {fmt(b[0])}, {verdict}")
+            parts.append(f"{column} {r}: {a[1]} {fmt(a[0])} against {b[1]} {fmt(b[0])}, {verdict}")
     return f"MomentKV's best row against the best other method ({what}): " + "; ".join(parts) + "." if parts else ""
 
 
@@ -324,13 +325,14 @@ def section_longgen(d: dict, img: Path) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full"))
     by = {(r["method"], r["decode_budget"]): r for r in rows}
     c = d["config"]
+    unified = [m for m in methods if any(by.get((m, db), {}).get("parity") == "total capacity" for db in budgets)]
     out = ["### Long generation (LongGenBench-style)", "", provenance(d), "",
            f"One prompt with {c.get('lg_questions')} numbered sub-questions about a catalogue, answered in one greedy output of "
            f"{c.get('lg_tokens')} tokens (prompt {full['prompt_tokens'] if full else '?'} tokens; stop tokens banned so every "
            "run writes the same length). Score: per sub-question, the answer's section names the record's item and code "
            f"(full scores {pct(full['score']) if full else '–'}). KL(full ‖ policy) and top-1 agreement along full's own "
            "output (teacher-forced). Decode-only and separate-pool policies keep the prompt and hold the decode budget of "
-           "generated tokens; unified ones (h2o, streamingllm, tova) hold prompt + decode budget in total (parity as in the "
+           f"generated tokens; unified ones ({', '.join(unified)}) hold prompt + decode budget in total (parity as in the "
            "Moment-KV paper). Best per column in bold.", ""]
     header = ["policy", "parity"] + [f"KL @ {db}" for db in budgets] + [f"top-1 @ {db}" for db in budgets] + [f"score @ {db}" for db in budgets]
     body, vals = [], []
@@ -350,6 +352,9 @@ def section_longgen(d: dict, img: Path) -> str:
         for row, c2 in zip(body, col):
             row[j] = c2
     out += [table(header, body), ""]
+    for key, fmt, higher, name in (("kl", f, False, "KL"), ("score", pct, True, "score")):
+        standing = momentkv_standing(by, methods, budgets, key, higher, fmt, name, column="decode budget")
+        out += [standing, ""] if standing else []
     out += longgen_findings(by, methods, budgets)
     series = {m: (budgets, [by[(m, db)]["kl"] if (m, db) in by else None for db in budgets], False) for m in methods}
     out.append(plot_lines(img / "longgen_kl.png", series, "decode budget (generated tokens kept)", "KL(full || policy)",
