@@ -53,7 +53,8 @@ RULER_RATIOS_DEFAULT = [0.5, 0.75]  # RULER runs fewer ratios than fidelity (its
 # momentkv's default base (every prompt query votes, policies/momentkv.py section 5) is tuned for fidelity; RULER also
 # runs it on SnapKV's base (the last 32 queries vote, pooled over 7), to show what MI + NC add to retrieval there.
 # base=keys is its query-agnostic base (key geometry against the summary, section 5b), recent=0.05 the best of
-# 0.25/0.05 on RULER samples of another seed (7, 2 per task and length); fidelity shows what it costs on prose.
+# 0.25/0.05 on RULER samples of another seed (`bench.py quality --suites ruler --samples 2 --seed 7 --ratios 0.5,0.75
+# --policies "momentkv{base=keys},momentkv{base=keys;recent=0.05},keydiff"`); fidelity shows what it costs on prose.
 KEY_BASE = "momentkv{base=keys;recent=0.05}"
 RULER_EXTRA = ["momentkv{recent=-1;window=32;kernel=7}", KEY_BASE]  # (the extra rows run at the default and large sizes)
 # kvpress's presses compress the prompt only and keep every generated token; unified momentkv keeps its budget in

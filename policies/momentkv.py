@@ -325,6 +325,9 @@ class MomentKV(Policy):
     def needs_moments(self) -> bool:  # a method, so it is not a --policy-arg option
         return self.mi != "none"
 
+    def _keeps_value_norms(self) -> bool:  # ||v_i||^2 for the torch path of MI "nc" on the attention base
+        return self.mi == "nc" and self.base == "attention"
+
     def check_options(self):
         if self.mi not in MI_KINDS:
             raise ValueError(f"momentkv: unknown mi {self.mi!r}; choose from {', '.join(MI_KINDS)}")
@@ -373,11 +376,11 @@ class MomentKV(Policy):
         self.register_buffer("age", torch.zeros(num_layers, batch, kv_heads, capacity if self.debias else 0, device=device),
                              persistent=False)
         # ||v_i||^2 of every slot, kept as tokens are written: value_distances' one pass over V instead of two
-        self.register_buffer("value_norm2", torch.zeros((num_layers, batch, kv_heads, capacity) if self.mi == "nc" else (0,),
+        self.register_buffer("value_norm2", torch.zeros((num_layers, batch, kv_heads, capacity) if self._keeps_value_norms() else (0,),
                                                         device=device), persistent=False)
 
     def on_prefill(self, layer, kept_scores, kept, cache=None):
-        if self.mi == "nc" and cache is not None:
+        if self._keeps_value_norms() and cache is not None:
             v = cache.v.float()
             self.value_norm2[layer, ..., : v.shape[2]].copy_(torch.linalg.vecdot(v, v))
         s = self.scores[layer]
@@ -408,9 +411,7 @@ class MomentKV(Policy):
         qw, qpos, ok = window
         B, Hkv, N = pos.shape
         current = moments.moments(layer)
-        idx, kept = keep_top(base, pos, keep)  # the base scorer's choice; its drop set shapes the summary
-        dropped = (pos >= 0) & ~torch.zeros_like(pos, dtype=torch.bool).scatter(2, idx, kept)
-        reference = merge(current, batch_moments(keys, values, dropped))
+        reference = self._summary_after(base, keys, values, pos, keep, current)
         allowed = slot_mask(qpos, pos) & ok[:, None, :, None]
         cost = mi_cost_sum(qw, allowed, keys, values, current, reference, self.mi)  # mean over the window's
         cost = cost / ok.sum(-1).clamp(min=1)[:, None, None]  # real queries, as the votes
@@ -425,12 +426,18 @@ class MomentKV(Policy):
         raw = key_distinctness(keys, pos)
         protected = recent_mask(pos, self._keep_recent)
         if self.mi != "none" and moments is not None:
-            idx, kept = keep_top(raw.masked_fill(protected, PROTECT), pos, keep)
-            dropped = (pos >= 0) & ~torch.zeros_like(pos, dtype=torch.bool).scatter(2, idx, kept)
-            n, mu_k = merge(moments.moments(layer), batch_moments(keys, values, dropped))[:2]
+            n, mu_k = self._summary_after(raw.masked_fill(protected, PROTECT), keys, values, pos, keep, moments.moments(layer))[:2]
             raw = key_distinctness(keys, pos, mu_k, n > 0)
         self._cand[layer] = raw
         return raw.masked_fill(protected, PROTECT)
+
+    @staticmethod
+    def _summary_after(scores, keys, values, pos, keep, current: Moments) -> Moments:
+        """The summary a prefill eviction by `scores` produces: the current moments merged with the
+        drop set of keep_top (one fixed-point step: MI and base=keys score against it)."""
+        idx, kept = keep_top(scores, pos, keep)
+        dropped = (pos >= 0) & ~torch.zeros_like(pos, dtype=torch.bool).scatter(2, idx, kept)
+        return merge(current, batch_moments(keys, values, dropped))
 
     def decode_scores(self, layer, probs, pos, written, query=None, out=None, cache=None, moments=None, attn_scores=None,
                       value=None):
