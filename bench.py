@@ -57,12 +57,18 @@ RULER_RATIOS_DEFAULT = [0.5, 0.75]  # RULER runs fewer ratios than fidelity (its
 # --policies "momentkv{base=keys},momentkv{base=keys;recent=0.05},keydiff"`); fidelity shows what it costs on prose.
 KEY_BASE = "momentkv{base=keys;recent=0.05}"
 RULER_EXTRA = ["momentkv{recent=-1;window=32;kernel=7}", KEY_BASE]  # (the extra rows run at the default and large sizes)
-# kvpress's presses compress the prompt only and keep every generated token; unified momentkv keeps its budget in
-# total. The prefill-only row is momentkv at kvpress's parity.
-FIDELITY_EXTRA = ["momentkv{prefill_only=1}", KEY_BASE]
 # Long generation (issue 5 part C). momentum{debias=1} is the finding of that suite: with the paper's rule a
 # fresh token competes with (1 - beta) times its self-attention, so the newest go first (policies/momentum.py).
 DECODE_POLICIES = ["momentum", "momentum{debias=1}", "scope", "h2o", "streamingllm", "tova", "momentkv"]
+# momentkv deciding once per layer (all heads' attention, as TOVA and Moment-KV; policies/momentkv.py section 5c) with
+# a shorter memory: chosen on another seed's long generation (`bench.py quality --suites longgen --seed 1
+# --decode-budgets 128,512 --decode-policies "tova,momentkv,momentkv{per_kv_head=0},momentkv{per_kv_head=0;beta=0.9}"`);
+# fidelity shows what it costs on prose. Default and large sizes only.
+LAYER_DECISION = "momentkv{per_kv_head=0;beta=0.9}"
+DECODE_EXTRA = [LAYER_DECISION]
+# kvpress's presses compress the prompt only and keep every generated token; unified momentkv keeps its budget in
+# total. The prefill-only row is momentkv at kvpress's parity.
+FIDELITY_EXTRA = ["momentkv{prefill_only=1}", KEY_BASE, LAYER_DECISION]
 # scope keeps a recent window of 256 generated tokens, more than small decode budgets hold: when it does not fit,
 # its window is half the smallest decode budget of the run, the same at every budget so that they share one batch.
 RETRY_OPTIONS = {"scope": lambda budgets: {"recent": min(budgets) // 2}}
@@ -636,8 +642,9 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
     prompt = chat_ids(b.tokenizer, sample.prompt)
     n = args.gen_tokens or size["lg_tokens"]
     budgets = args.decode_budgets or size["decode_budgets"]
-    names = [p for p in (args.decode_policies or DECODE_POLICIES) if parse_spec(p)[0] in POLICIES]
-    missing = [p for p in (args.decode_policies or DECODE_POLICIES) if parse_spec(p)[0] not in POLICIES]
+    wanted = args.decode_policies or DECODE_POLICIES + (DECODE_EXTRA if size.get("extra_rows") else [])
+    names = [p for p in wanted if parse_spec(p)[0] in POLICIES]
+    missing = [p for p in wanted if parse_spec(p)[0] not in POLICIES]
     if missing:
         b.notes.append(f"decode-time policies not registered here, skipped: {', '.join(missing)}")
     ban = b.tokenizer.stop_token_ids

@@ -51,7 +51,7 @@ policies/correction.py implement.
    MI is added to the unprotected scores. Decode (momentum-style,
    Eq. 5 of moment-kv-momentum.txt): s_i <- beta s_i + (1 - beta)(a_i + mi_weight c_i), new
    tokens entering at 0, with a_i the attention of the kv head's query group (`per_kv_head`,
-   default; False: all heads of the layer, as Moment-KV). The prompt tokens kept by prefill
+   default; False: all heads of the layer, as Moment-KV, section 5c). The prompt tokens kept by prefill
    start decode with their prefill score, a per-query attention mean, in the same units (the
    protected tokens with the best kept score of their row and head, `carry="best"`, or with
    their own votes, `carry="own"`). Because those are
@@ -74,6 +74,13 @@ policies/correction.py implement.
    is the same score against the current moments, through the same momentum and recent window
    (with a constant observation the debiased EMA is that score). The MI cost and the fused score
    kernel are not used (the step runs in torch, policies/momentkv.py observe). NC is unchanged.
+
+5c. Heads (`per_kv_head`). True (default): each kv head ranks its own tokens by its query group's
+   attention, at prefill and decode, so kv heads keep different tokens. False: one decision per
+   layer, as TOVA and Moment-KV make it: every score (base, MI cost, key distinctness) is averaged
+   over the layer's heads, so every kv head keeps the same tokens in the same slots (ties break the
+   same way), and the decode mean over all query heads, taken slot by slot, reads one token per
+   slot (tested). A token read by any head group stays for all of them.
 
 6. Pools. `momentkv` alone is unified: prefill compresses the prompt to --budget and decode
    keeps the whole cache within the same --budget, evicting prompt or generated tokens alike.
@@ -316,7 +323,7 @@ class MomentKV(Policy):
     mi = "nc"  # moment-informed score: nc | value | none
     mi_weight = 1.0
     nc = True  # attach the NC correction (False: MI alone)
-    per_kv_head = True  # decode attention averaged per GQA group (False: all query heads)
+    per_kv_head = True  # scores per kv head (its GQA group); False: one decision per layer, all heads (docstring 5c)
     debias = True  # rank by s / (1 - beta^age): new tokens compete with the prompt's stationary scores
     recent = 0.25  # newest tokens protected, a fraction of the budget (H2O's recent window); < 0: SnapKV's window
     carry = "best"  # decode start score of protected prompt tokens: best (kept score of their row) | own (their votes)
@@ -405,7 +412,8 @@ class MomentKV(Policy):
         else:
             base = snapkv_scores(window_probs, pos, self.window, self.kernel, self.pooling)
             raw = vote_scores(window_probs, pos, self.kernel, self.pooling)
-        self._cand[layer] = raw
+        base = self._per_layer(base)
+        self._cand[layer] = self._per_layer(raw)
         if self.mi == "none" or moments is None:
             return base
         qw, qpos, ok = window
@@ -415,19 +423,30 @@ class MomentKV(Policy):
         allowed = slot_mask(qpos, pos) & ok[:, None, :, None]
         cost = mi_cost_sum(qw, allowed, keys, values, current, reference, self.mi)  # mean over the window's
         cost = cost / ok.sum(-1).clamp(min=1)[:, None, None]  # real queries, as the votes
-        cost = cost.view(B, Hkv, -1, N).mean(2)
-        self._cand[layer] = raw + self.mi_weight * cost
+        cost = self._head_mean(cost.view(B, Hkv, -1, N))
+        self._cand[layer] = self._cand[layer] + self.mi_weight * cost
         return torch.where(base >= PROTECT, base, base + self.mi_weight * cost)
+
+    def _per_layer(self, scores):
+        """per_kv_head=False: one decision per layer, as TOVA and Moment-KV make it (docstring, 5c).
+        Every kv head gets the mean over the layer's kv heads of the unprotected scores [..., Hkv, N]
+        (protection is by position, the same for every head), so every kv head keeps the same tokens
+        in the same slots and decode's mean over all query heads, slot by slot, reads one token."""
+        if self.per_kv_head:
+            return scores
+        protected = scores >= PROTECT
+        mean = head_mean(scores.masked_fill(protected, 0.0), dim=-2).unsqueeze(-2).expand(scores.shape)
+        return mean.masked_fill(protected, PROTECT)
 
     def _key_prefill_scores(self, layer, keys, values, pos, keep, moments):
         """base=keys (docstring, 5b): distinctness from the key mean of the summary the eviction
         produces, found as mi="nc" finds its reference: KeyDiff's choice first, its drop set merged
         into the current moments, then every candidate measured against that summary's mean."""
-        raw = key_distinctness(keys, pos)
+        raw = self._per_layer(key_distinctness(keys, pos))
         protected = recent_mask(pos, self._keep_recent)
         if self.mi != "none" and moments is not None:
             n, mu_k = self._summary_after(raw.masked_fill(protected, PROTECT), keys, values, pos, keep, moments.moments(layer))[:2]
-            raw = key_distinctness(keys, pos, mu_k, n > 0)
+            raw = self._per_layer(key_distinctness(keys, pos, mu_k, n > 0))
         self._cand[layer] = raw
         return raw.masked_fill(protected, PROTECT)
 
@@ -472,7 +491,7 @@ class MomentKV(Policy):
         B, Hkv, S = pos.shape
         if self.base == "keys":  # the keys' distinctness from the current summary (docstring, 5b)
             n, mu_k = moments.moments(layer)[:2] if self.mi != "none" and moments is not None else (None, None)
-            self._kept[layer] = (key_distinctness(cache.k, pos, mu_k, None if n is None else n > 0),)
+            self._kept[layer] = (self._per_layer(key_distinctness(cache.k, pos, mu_k, None if n is None else n > 0)),)
             return
         if self._mi_from_nc(moments):
             logits, probs_ext = attn_scores  # [B, Hkv, G, S + 1], the virtual slot last

@@ -446,6 +446,24 @@ def test_recent_window_survives_decode(model):
                 assert set(range(newest - 19, newest + 1)) <= set(held[h].tolist())
 
 
+@pytest.mark.parametrize("options", [{}, {"base": "keys"}, SNAP, {"mi": "none"}])
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_one_decision_per_layer_keeps_kv_heads_aligned(model, options, backend):
+    """per_kv_head=False (docstring, 5c): every kv head holds the same positions in the same slots after
+    the prefill and after every decode step, so the all-heads mean reads one token per slot; the
+    default (per kv head) does not."""
+    prompts = prompts_of([90, 61], seed=3)
+    aligned = []
+    for per_kv_head in (False, True):
+        e = Engine(model, make_plan("momentkv", budget=40, options={**W, **options, "per_kv_head": per_kv_head}),
+                   decode_backend=backend)
+        e.generate(prompts, 1)
+        same = [bool((c.pos == c.pos[:, :1]).all()) for c in e.caches]
+        e.generate(prompts, 30)
+        aligned.append(all(same) and all(bool((c.pos == c.pos[:, :1]).all()) for c in e.caches))
+    assert aligned == [True, False]
+
+
 def test_mi_changes_the_prompt_selection(model):
     """MI re-ranks: with the same base scorer, some kept entries differ from SnapKV's."""
     prompts = prompts_of([120])
@@ -554,7 +572,7 @@ def test_kept_value_norms_are_the_caches(model, spec, kw):
 
 
 @pytest.mark.parametrize("backend,options", [  # the CPU's fused kernels as operators; the torch code (CUDA's)
-    (None, W), ("reference", W), (None, {**W, "base": "keys"})])
+    (None, W), ("reference", W), (None, {**W, "base": "keys"}), (None, {**W, "per_kv_head": False, "beta": 0.9})])
 def test_compiled_momentkv_equals_eager_without_recompiles(backend, options):
     """MI + NC + momentum in the compiled decode step: equal to eager, and 100 decode steps with
     other prompts, lengths and evictions reuse the one graph."""
