@@ -82,8 +82,8 @@ policies/correction.py implement.
    same way), and the decode mean over all query heads, taken slot by slot, reads one token per
    slot (tested). A token read by any head group stays for all of them. Measured (BENCHMARKS.md, SmolLM2,
    unified at total capacity): with beta=0.9, long generation's KL to full along 2048 tokens is
-   6.5e-5 / 4.8e-5 / 2.6e-5 at decode budgets 128 / 256 / 512 against the default's ~2e-3 (one
-   sub-question's token lost by every per-head accumulator, h2o's too) and TOVA's 3.6e-4 / 2.6e-4 /
+   6.5e-5 / 4.8e-5 / 2.6e-5 at decode budgets 128 / 256 / 512 against the default's ~2e-3 (most of it
+   from the positions ~1400 tokens in, where h2o, also per kv head, spikes too) and TOVA's 3.6e-4 / 2.6e-4 /
    1.5e-4 (chosen on another seed); on prose (fidelity) it costs KL 0.016 / 0.054 / 0.117 against
    0.011 / 0.034 / 0.085 at ratios 0.5 / 0.75 / 0.875. So the default stays per kv head.
 
