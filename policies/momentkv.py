@@ -84,7 +84,7 @@ policies/correction.py implement.
    unified at total capacity): with beta=0.9, long generation's KL to full along 2048 tokens is
    6.5e-5 / 4.8e-5 / 2.6e-5 at decode budgets 128 / 256 / 512 against the default's ~2e-3 (most of it
    from the positions ~1400 tokens in, where h2o, also per kv head, spikes too) and TOVA's 3.6e-4 / 2.6e-4 /
-   1.5e-4 (chosen on another seed); on prose (fidelity) it costs KL 0.016 / 0.054 / 0.117 against
+   1.5e-4 (beta=0.9 with it was chosen on another seed, bench.py LAYER_DECISION); on prose (fidelity) it costs KL 0.016 / 0.054 / 0.117 against
    0.011 / 0.034 / 0.085 at ratios 0.5 / 0.75 / 0.875. So the default stays per kv head.
 
 6. Pools. `momentkv` alone is unified: prefill compresses the prompt to --budget and decode
@@ -411,14 +411,12 @@ class MomentKV(Policy):
     def prefill_scores(self, layer, keys, values, pos, window_probs, window=None, keep=None, moments=None):
         if self.base == "keys":
             return self._key_prefill_scores(layer, keys, values, pos, keep, moments)
+        raw = self._per_layer(vote_scores(window_probs, pos, self.kernel, self.pooling))
         if self.recent >= 0:
-            raw = vote_scores(window_probs, pos, self.kernel, self.pooling)
             base = raw.masked_fill(recent_mask(pos, self._keep_recent), PROTECT)
         else:
-            base = snapkv_scores(window_probs, pos, self.window, self.kernel, self.pooling)
-            raw = vote_scores(window_probs, pos, self.kernel, self.pooling)
-        base = self._per_layer(base)
-        self._cand[layer] = self._per_layer(raw)
+            base = self._per_layer(snapkv_scores(window_probs, pos, self.window, self.kernel, self.pooling))
+        self._cand[layer] = raw
         if self.mi == "none" or moments is None:
             return base
         qw, qpos, ok = window
@@ -429,7 +427,7 @@ class MomentKV(Policy):
         cost = mi_cost_sum(qw, allowed, keys, values, current, reference, self.mi)  # mean over the window's
         cost = cost / ok.sum(-1).clamp(min=1)[:, None, None]  # real queries, as the votes
         cost = self._head_mean(cost.view(B, Hkv, -1, N))
-        self._cand[layer] = self._cand[layer] + self.mi_weight * cost
+        self._cand[layer] = raw + self.mi_weight * cost
         return torch.where(base >= PROTECT, base, base + self.mi_weight * cost)
 
     def _per_layer(self, scores):
