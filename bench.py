@@ -66,9 +66,14 @@ DECODE_POLICIES = ["momentum", "momentum{debias=1}", "scope", "h2o", "streamingl
 # fidelity shows what it costs on prose. Default and large sizes only.
 LAYER_DECISION = "momentkv{per_kv_head=0;beta=0.9}"
 DECODE_EXTRA = [LAYER_DECISION]
+# momentkv's NC on kvpress's ObservedAttention base (every query of the default size's 1024-token context votes, each
+# token's votes averaged over the queries that see it, nothing protected; with nc=0 it keeps ObservedAttention's set,
+# tests/test_kvpress_equality.py): what the moments add to that press, at its parity. NC alone was chosen over MI + NC
+# on two other seeds (`bench.py quality --suites fidelity --seed 1` and `--seed 2`, with `--presses observed_attention`).
+OBSERVED_NC = "momentkv{prefill_only=1;window=1024;vote_mean=token;recent=0;mi=none}"
 # kvpress's presses compress the prompt only and keep every generated token; unified momentkv keeps its budget in
-# total. The prefill-only row is momentkv at kvpress's parity.
-FIDELITY_EXTRA = ["momentkv{prefill_only=1}", KEY_BASE, LAYER_DECISION]
+# total. The prefill-only rows are momentkv at kvpress's parity.
+FIDELITY_EXTRA = ["momentkv{prefill_only=1}", OBSERVED_NC, KEY_BASE, LAYER_DECISION]
 # scope keeps a recent window of 256 generated tokens, more than small decode budgets hold: when it does not fit,
 # its window is half the smallest decode budget of the run, the same at every budget so that they share one batch.
 RETRY_OPTIONS = {"scope": lambda budgets: {"recent": min(budgets) // 2}}

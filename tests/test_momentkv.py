@@ -352,6 +352,8 @@ def test_plans_and_errors():
         make_plan("momentkv", budget=128, options={"carry": "all"})
     with pytest.raises(ValueError, match="recent"):
         make_plan("momentkv", budget=128, options={"recent": 1.0})
+    with pytest.raises(ValueError, match="vote_mean must be window or token"):
+        make_plan("momentkv", budget=128, options={"vote_mean": "query"})
     with pytest.raises(ValueError, match="base must be attention or keys"):
         make_plan("momentkv", budget=128, options={"base": "values"})
     with pytest.raises(ValueError, match="base=keys protects the newest tokens"):

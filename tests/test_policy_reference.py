@@ -196,6 +196,31 @@ def test_snapkv_scores_equal_loops(pooling):
                 assert got[b, h, j].item() == pytest.approx(sum(per_head) / G, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("vote_mean", ["window", "token"])
+@pytest.mark.parametrize("seed", range(2))
+def test_momentkv_votes_equal_loops(vote_mean, seed):
+    """momentkv's attention base (kernel 1, nothing protected, no MI) with a window shorter than the
+    prompt: "window" divides a token's summed votes by the W window queries, "token" by the window
+    queries that see it (the ones at or after its position), as kvpress's ObservedAttention."""
+    keys, pos, probs, lengths = random_candidates(W=6, seed=seed)
+    B, Hkv, N = pos.shape
+    G, W = probs.shape[1] // Hkv, probs.shape[2]
+    policy = make_plan("momentkv", budget=64, options=dict(window=W, kernel=1, recent=0, mi="none", nc=False,
+                                                           vote_mean=vote_mean)).prefill
+    policy.allocate(1, B, Hkv, N, "cpu")
+    policy.start(torch.full((B,), 8), torch.full((B,), 8))
+    qpos = torch.tensor([[n - W + w for w in range(W)] for n in lengths])
+    window = (torch.zeros(B, Hkv * G, W, 8), qpos, torch.ones(B, W, dtype=torch.bool))
+    got = policy.prefill_scores(0, keys, None, pos, probs, window=window)
+    for b, n in enumerate(lengths):
+        for h in range(Hkv):
+            for j in range(n):
+                voters = [w for w in range(W) if qpos[b, w] >= j]
+                count = len(voters) if vote_mean == "token" else W
+                votes = [sum(probs[b, q, w, j].item() for w in voters) / max(count, 1) for q in range(h * G, (h + 1) * G)]
+                assert got[b, h, j].item() == pytest.approx(sum(votes) / G, rel=1e-5, abs=1e-7)
+
+
 def test_knorm_and_keydiff_scores_equal_loops():
     keys, pos, _, lengths = random_candidates()
     knorm = make_plan("knorm", budget=8).prefill.prefill_scores(0, keys, None, pos, None)
