@@ -50,8 +50,8 @@ policies/correction.py implement.
    ObservedAttention (with the window covering the prompt, recent=0, mi="none" and nc=False the
    prompt set is ObservedAttention's: tests/test_kvpress_equality.py). NC on that base (the same
    with nc on, bench.py OBSERVED_NC) lowers ObservedAttention's KL to full on prose at every ratio
-   on three seeds (fidelity, ratios 0.5 / 0.75 / 0.875; seed 0 in BENCHMARKS.md, 1 and 2 ad hoc):
-   0.0084 / 0.026 / 0.091 -> 0.0071 / 0.024 / 0.079, 0.029 / 0.060 / 0.116 -> 0.028 / 0.060 / 0.114,
+   on three seeds (BENCHMARKS.md, fidelity and its other seeds; ratios 0.5 / 0.75 / 0.875):
+   0.0084 / 0.026 / 0.091 -> 0.0071 / 0.024 / 0.079, 0.029 / 0.060 / 0.116 -> 0.028 / 0.059 / 0.114,
    0.0060 / 0.018 / 0.042 -> 0.0055 / 0.017 / 0.037. With MI as well it lost at 2 of 6 on seeds 1, 2.
    Protected: with `recent` = r >= 0 (default 0.25) the newest floor(r * budget) tokens, at
    prefill and at every decode step (H2O's recent window); with recent < 0, SnapKV's rule (the

@@ -515,3 +515,31 @@ def test_report_ruler_parity_names_equal_and_different_methods():
     assert "equal at every ratio: knorm." in line and "h2o" not in line and "full" not in line
     assert "snapkv (the paper's max pooling" in line and "mystery (not by design: investigate)" in line
     assert "8.3 points" in line
+
+
+def test_report_keeps_the_default_seed_and_shows_the_others(tmp_path):
+    """A newer run at another seed does not replace the default run's table; it joins "Other seeds"
+    if it ran the same rows, and is left out if it did not (an ad hoc --policies run)."""
+    from tinyengine.benchreport import load_results, other_seeds, section_seeds
+
+    def run(seed, date, kl_ours, kl_theirs, policies=None):
+        rows = [{"table": "fidelity", "method": "full", "source": "tinyengine", "ratio": None, "kl": 0.0, "top1": 1.0, "nll": 2.0}]
+        rows += [{"table": "fidelity", "method": m, "source": src, "ratio": 0.5, "kl": kl, "top1": 0.9, "nll": 2.1}
+                 for m, src, kl in (("momentkv", "tinyengine", kl_ours), ("snapkv", "kvpress", kl_theirs))]
+        d = {"suite": "fidelity", "size": "default", "date": date, "command": f"python bench.py quality --seed {seed}",
+             "config": {"seed": seed, "policies": policies, "ratios": None, "kvpress": True}, "rows": rows}
+        (tmp_path / f"fidelity-{seed}-{date}.json").write_text(json.dumps(d))
+
+    run(0, "2026-01-01", 0.010, 0.020)
+    run(1, "2026-01-02", 0.030, 0.025)
+    run(2, "2026-01-03", 0.004, 0.005)
+    run(1, "2026-01-04", 0.5, 0.5, policies=["momentkv"])  # ad hoc: other rows
+    chosen = load_results(tmp_path)["fidelity"]
+    assert chosen["config"]["seed"] == 0
+    others = other_seeds(tmp_path, chosen)
+    assert [d["config"]["seed"] for d in others] == [1, 2] and others[0]["date"] == "2026-01-02"
+    text = section_seeds(chosen, others)
+    assert "| momentkv | 0.010 / 0.030 / 4.0e-03 |" in text and "| snapkv (kvpress) | 0.020 / 0.025 / 5.0e-03 |" in text
+    assert "(KL to full, seed 0): ratio 0.5: momentkv 0.010 against snapkv (kvpress) 0.020, leads" in text
+    assert "(KL to full, seed 1): ratio 0.5: momentkv 0.030 against snapkv (kvpress) 0.025, behind" in text
+    assert "over every seed and ratio: KL to full in 2 of 3, top-1 agreement in 0 of 3" in text  # top-1 tied

@@ -13,21 +13,43 @@ SIZE_RANK = {"large": 3, "default": 2, "quick": 1, "smoke": 0}
 SUITES = ("fidelity", "ruler", "longgen", "speed", "flatcost", "memory", "attention", "tp")
 
 
-def load_results(folder: Path) -> dict:
-    """suite -> the chosen result (dict), from every *.json in `folder`."""
-    best = {}
+def _read_all(folder: Path):
     for path in sorted(Path(folder).glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        suite = data.get("suite")
-        if suite not in SUITES:
-            continue
-        key = (SIZE_RANK.get(data.get("size"), -1), data.get("date", ""))
-        if suite not in best or key > best[suite][0]:
-            best[suite] = (key, data, path.name)
-    return {s: dict(d, _file=name) for s, (_, d, name) in best.items()}
+        if data.get("suite") in SUITES:
+            yield dict(data, _file=path.name)
+
+
+def _seed(d: dict) -> int:
+    return (d.get("config") or {}).get("seed", 0)
+
+
+def load_results(folder: Path) -> dict:
+    """suite -> the chosen result (dict), from every *.json in `folder`: the largest size, then the
+    default seed (0: the commands this file names), then the newest."""
+    best = {}
+    for data in _read_all(folder):
+        key = (SIZE_RANK.get(data.get("size"), -1), _seed(data) == 0, data.get("date", ""))
+        if data["suite"] not in best or key > best[data["suite"]][0]:
+            best[data["suite"]] = (key, data)
+    return {s: d for s, (_, d) in best.items()}
+
+
+SAME_RUN = ("policies", "ratios", "kvpress", "question_aware", "budgets")  # config keys that make runs comparable
+
+
+def other_seeds(folder: Path, chosen: dict) -> list:
+    """The newest run per other seed of the chosen result's suite, size and rows (config but the seed)."""
+    same = lambda d: d["suite"] == chosen["suite"] and d.get("size") == chosen.get("size") and all(  # noqa: E731
+        (d.get("config") or {}).get(k) == (chosen.get("config") or {}).get(k) for k in SAME_RUN)
+    newest = {}
+    for d in _read_all(folder):
+        if same(d) and _seed(d) != _seed(chosen) and d.get("date", "") > newest.get(_seed(d), {}).get("date", ""):
+            newest[_seed(d)] = d
+    return [newest[k] for k in sorted(newest)]
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -78,10 +100,9 @@ def bold_best(cells: list[str], values: list, higher: bool) -> list[str]:
     return [f"**{c}**" if v == best else c for c, v in zip(cells, values)]
 
 
-def momentkv_standing(by: dict, methods: list, ratios: list, metric: str, higher: bool, fmt, what: str,
-                      column: str = "ratio") -> str:
-    """A line read off a table: per column, momentkv's best row (any of its variants) against the best
-    other method's, ours or kvpress's (issue 6 asks momentkv to lead every row)."""
+def standing(by: dict, methods: list, ratios: list, metric: str, higher: bool) -> list:
+    """Per column: (column, (value, momentkv's best row: any of its variants), (value, the best other
+    method's, ours or kvpress's), verdict), where both exist (issue 6 asks momentkv to lead every row)."""
     ours = [m for m in methods if m.split("{")[0] == "momentkv"]
     others = [m for m in methods if m not in ours and not m.startswith("full")]
 
@@ -89,12 +110,19 @@ def momentkv_standing(by: dict, methods: list, ratios: list, metric: str, higher
         got = [(by[(m, r)][metric], m) for m in ms if (m, r) in by and not math.isnan(by[(m, r)][metric])]
         return (max if higher else min)(got, key=lambda x: x[0]) if got else None
 
-    parts = []
+    out = []
     for r in ratios:
         a, b = best(ours, r), best(others, r)
         if a and b:
-            verdict = "tied" if a[0] == b[0] else "leads" if (a[0] > b[0]) == higher else "behind"
-            parts.append(f"{column} {r}: {a[1]} {fmt(a[0])} against {b[1]} {fmt(b[0])}, {verdict}")
+            out.append((r, a, b, "tied" if a[0] == b[0] else "leads" if (a[0] > b[0]) == higher else "behind"))
+    return out
+
+
+def momentkv_standing(by: dict, methods: list, ratios: list, metric: str, higher: bool, fmt, what: str,
+                      column: str = "ratio") -> str:
+    """`standing` as a line read off a table."""
+    parts = [f"{column} {r}: {a[1]} {fmt(a[0])} against {b[1]} {fmt(b[0])}, {verdict}"
+             for r, a, b, verdict in standing(by, methods, ratios, metric, higher)]
     return f"MomentKV's best row against the best other method ({what}): " + "; ".join(parts) + "." if parts else ""
 
 
@@ -144,11 +172,16 @@ def plot_lines(path: Path, series: dict, xlabel: str, ylabel: str, title: str, l
 # ----------------------------------------------------------------------------- sections
 
 
-def section_fidelity(d: dict, img: Path, root: Path) -> str:
+def fidelity_rows(d: dict):
+    """(ratios, methods in table order, (method, ratio) -> row) of a fidelity run."""
     rows = [r for r in d["rows"] if r.get("table") == "fidelity"]
     ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
     methods = list(dict.fromkeys(label(r) for r in rows if r["ratio"] is not None))
-    by = {(label(r), r["ratio"]): r for r in rows}
+    return ratios, methods, {(label(r), r["ratio"]): r for r in rows}
+
+
+def section_fidelity(d: dict, img: Path, root: Path, seeds: list = ()) -> str:
+    ratios, methods, by = fidelity_rows(d)
     out = ["### Fidelity: teacher-forced on prose, against the full cache", "",
            provenance(d), "",
            f"Context {d['config'].get('fid_ctx')} tokens compressed at prefill, then {d['config'].get('fid_cont')} reference "
@@ -183,8 +216,39 @@ def section_fidelity(d: dict, img: Path, root: Path) -> str:
         series[m] = ([p[0] for p in pts], [p[1] for p in pts], "(kvpress)" in m)
     out.append(plot_lines(img / "fidelity_kl.png", series, "fraction of the prompt kept", "KL(full || policy)",
                           "Fidelity: KL to full vs budget (kvpress dashed)", logy=True))
+    if seeds:
+        out += ["", section_seeds(d, seeds)]
     out.append(section_ablation(d, img))
     return "\n".join(out) + notes(d)
+
+
+def section_seeds(d: dict, others: list) -> str:
+    """The fidelity table's rows on other seeds (other passages, same command with --seed): which
+    standings hold. KL per method as seed a / seed b / ..., and momentkv's standing per seed."""
+    runs = [d] + list(others)
+    seeds = [_seed(r) for r in runs]
+    tables = [fidelity_rows(r) for r in runs]
+    ratios, methods = tables[0][0], [m for m in tables[0][1] if all((m, tables[0][0][0]) in t[2] for t in tables)]
+    out = ["#### Other seeds", "",
+           f"The same rows on other passages (seeds {', '.join(map(str, seeds[1:]))}; seed {seeds[0]} is the table above), "
+           "to show which standings hold. Each run:", ""]
+    out += [f"- seed {sd}: {provenance(r)}" for sd, r in zip(seeds[1:], runs[1:])]
+    header = ["method"] + [f"KL, ratio {r}: seed {' / '.join(map(str, seeds))}" for r in ratios]
+    cells = [[m] + [" / ".join(f(t[2][(m, r)]["kl"]) if (m, r) in t[2] else "–" for t in tables) for r in ratios]
+             for m in methods]
+    out += ["", table(header, cells), ""]
+    metrics = (("kl", "KL to full", False, f), ("top1", "top-1 agreement", True, pct), ("nll", "NLL", False, f))
+    counts = []
+    for metric, name, higher, _ in metrics:
+        verdicts = [v for rs, ms, by in tables for *_, v in standing(by, ms, rs, metric, higher)]
+        counts.append(f"{name} in {verdicts.count('leads')} of {len(verdicts)}")
+    out += [f"MomentKV's best row leads the best other method, over every seed and ratio: {', '.join(counts)}. "
+            "Per seed:", ""]
+    for metric, name, higher, fmt in metrics:
+        for sd, (rs, ms, by) in zip(seeds, tables):
+            line = momentkv_standing(by, ms, rs, metric, higher, fmt, f"{name}, seed {sd}")
+            out += [f"- {line}"] if line else []
+    return "\n".join(out)
 
 
 def section_ablation(d: dict, img: Path) -> str:
@@ -606,6 +670,7 @@ def quality_time(results: dict) -> list[str]:
 
 def report(folder: Path, markdown: Path) -> str:
     results = load_results(folder)
+    seeds = other_seeds(folder, results["fidelity"]) if "fidelity" in results else []
     root = markdown.parent
     img = Path("docs") / "bench"
     (root / img).mkdir(parents=True, exist_ok=True)
@@ -620,6 +685,7 @@ def report(folder: Path, markdown: Path) -> str:
              "command line, machine, date and versions). Do not edit by hand: rerun the benchmark and the report.", "",
              "Reproduce (2 CPU cores; times measured on the machine named in each section):", "",
              "```", "python bench.py quality            # fidelity + MomentKV ablation, RULER, long generation, kvpress side by side",
+             "python bench.py quality --suites fidelity --seed 1   # (and --seed 2) fidelity on other passages",
              "python bench.py speed              # tok/s vs transformers, bandwidth limit, compile/startup, decode vs context",
              "python bench.py memory             # peak RSS and KV bytes (a subprocess per measurement)",
              "python bench.py attention          # attention backends and decode weight products on this device",
@@ -631,7 +697,7 @@ def report(folder: Path, markdown: Path) -> str:
         parts += ["## Quality", ""]
     parts += quality_time(results)
     if "fidelity" in results:
-        parts += [rel(section_fidelity, results["fidelity"], cwd_img, root), ""]
+        parts += [rel(section_fidelity, results["fidelity"], cwd_img, root, seeds), ""]
     if "ruler" in results:
         parts += [rel(section_ruler, results["ruler"], cwd_img), ""]
     if "longgen" in results:
