@@ -543,3 +543,16 @@ def test_report_keeps_the_default_seed_and_shows_the_others(tmp_path):
     assert "(KL to full, seed 0): ratio 0.5: momentkv 0.010 against snapkv (kvpress) 0.020, leads" in text
     assert "(KL to full, seed 1): ratio 0.5: momentkv 0.030 against snapkv (kvpress) 0.025, behind" in text
     assert "over every seed and ratio: KL to full in 2 of 3, top-1 agreement in 0 of 3" in text  # top-1 tied
+
+
+def test_report_flags_long_generation_scores_above_full(tmp_path):
+    from tinyengine.benchreport import section_longgen
+
+    row = lambda m, db, score, parity="total capacity": {"method": m, "decode_budget": db, "parity": parity,  # noqa: E731
+                                                         "kl": 0.01, "top1": 0.99, "score": score, "kl_by_pos": None}
+    d = {"command": "python bench.py quality", "date": "2026-01-01", "config": {"lg_questions": 64, "lg_tokens": 2048},
+         "rows": [{**row("full", None, 0.1, None), "prompt_tokens": 100}, row("momentkv", 8, 0.1),
+                  row("scope", 8, 0.125, "decode pool"), row("momentkv", 16, 0.1), row("scope", 16, 0.1, "decode pool")]}
+    text = section_longgen(d, tmp_path)
+    assert "decode budget 8: momentkv 10.0% against scope 12.5%, behind" in text
+    assert "Above full's own score: scope at 8; one sub-question is 1.6 points." in text

@@ -204,8 +204,8 @@ def section_fidelity(d: dict, img: Path, root: Path, seeds: list = ()) -> str:
                 cells[m][j] = c
         out += [f"**{name}**" + (f" (full: {fmt(by[('full', None)][metric])})" if ("full", None) in by else ""), "",
                 table(header, [[m] + cells[m] for m in methods]), ""]
-        standing = momentkv_standing(by, methods, ratios, metric, higher, fmt, name)
-        out += [standing, ""] if standing else []
+        line = momentkv_standing(by, methods, ratios, metric, higher, fmt, name)
+        out += [line, ""] if line else []
     check = [r for r in d["rows"] if r.get("table") == "check"]
     if check:
         out.append(f"Check: transformers' full cache against ours, KL {f(check[0]['kl'])}, top-1 {pct(check[0]['top1'])}.")
@@ -322,8 +322,8 @@ def section_ruler(d: dict, img: Path) -> str:
         for row, c in zip(body, col):
             row[j] = c
     out += [table(header, body), ""]
-    standing = momentkv_standing(by, methods, ratios, "score", True, pct, "all lengths")
-    out += [standing, ""] if standing else []
+    line = momentkv_standing(by, methods, ratios, "score", True, pct, "all lengths")
+    out += [line, ""] if line else []
     out += ruler_parity(by, ratios, by.get(("full", None), {}).get("n"))
     th = ["method"] + [f"{t} @ ratio {ratios[0]}" for t in tasks] if ratios else []
     if ratios:
@@ -417,8 +417,11 @@ def section_longgen(d: dict, img: Path) -> str:
             row[j] = c2
     out += [table(header, body), ""]
     for key, fmt, higher, name in (("kl", f, False, "KL"), ("score", pct, True, "score")):
-        standing = momentkv_standing(by, methods, budgets, key, higher, fmt, name, column="decode budget")
-        out += [standing, ""] if standing else []
+        line = momentkv_standing(by, methods, budgets, key, higher, fmt, name, column="decode budget")
+        above = [f"{b[1]} at {db}" for db, _, b, _ in standing(by, methods, budgets, key, higher) if full and b[0] > full[key]]
+        if key == "score" and above and c.get("lg_questions"):  # a policy cannot beat full but by chance
+            line += f" Above full's own score: {', '.join(above)}; one sub-question is {100 / c['lg_questions']:.1f} points."
+        out += [line, ""] if line else []
     out += longgen_findings(by, methods, budgets)
     series = {m: (budgets, [by[(m, db)]["kl"] if (m, db) in by else None for db in budgets], False) for m in methods}
     out.append(plot_lines(img / "longgen_kl.png", series, "decode budget (generated tokens kept)", "KL(full || policy)",
