@@ -520,7 +520,7 @@ def test_report_ruler_parity_names_equal_and_different_methods():
 def test_report_keeps_the_default_seed_and_shows_the_others(tmp_path):
     """A newer run at another seed does not replace the default run's table; it joins "Other seeds"
     if it ran the same rows, and is left out if it did not (an ad hoc --policies run)."""
-    from tinyengine.benchreport import load_results, other_seeds, section_seeds
+    from tinyengine.benchreport import FIDELITY_METRICS, fidelity_rows, load_results, other_seeds, section_seeds
 
     def run(seed, date, kl_ours, kl_theirs, policies=None):
         rows = [{"table": "fidelity", "method": "full", "source": "tinyengine", "ratio": None, "kl": 0.0, "top1": 1.0, "nll": 2.0}]
@@ -538,8 +538,9 @@ def test_report_keeps_the_default_seed_and_shows_the_others(tmp_path):
     assert chosen["config"]["seed"] == 0
     others = other_seeds(tmp_path, chosen)
     assert [d["config"]["seed"] for d in others] == [1, 2] and others[0]["date"] == "2026-01-02"
-    text = section_seeds(chosen, others)
-    assert "| momentkv | 0.010 / 0.030 / 4.0e-03 |" in text and "| snapkv (kvpress) | 0.020 / 0.025 / 5.0e-03 |" in text
+    text = section_seeds(chosen, others, fidelity_rows, FIDELITY_METRICS, "passages")
+    assert "| momentkv | 0.010 / 0.030 / 4.0e-03 | 0.015 |" in text and "| snapkv (kvpress) | 0.020 / 0.025 / 5.0e-03 | 0.017 |" in text
+    assert "(KL to full, pooled): ratio 0.5: momentkv 0.015 against snapkv (kvpress) 0.017, leads" in text
     assert "(KL to full, seed 0): ratio 0.5: momentkv 0.010 against snapkv (kvpress) 0.020, leads" in text
     assert "(KL to full, seed 1): ratio 0.5: momentkv 0.030 against snapkv (kvpress) 0.025, behind" in text
     assert "over every seed and ratio: KL to full in 2 of 3, top-1 agreement in 0 of 3" in text  # top-1 tied

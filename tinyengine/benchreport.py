@@ -217,38 +217,54 @@ def section_fidelity(d: dict, img: Path, root: Path, seeds: list = ()) -> str:
     out.append(plot_lines(img / "fidelity_kl.png", series, "fraction of the prompt kept", "KL(full || policy)",
                           "Fidelity: KL to full vs budget (kvpress dashed)", logy=True))
     if seeds:
-        out += ["", section_seeds(d, seeds)]
+        out += ["", section_seeds(d, seeds, fidelity_rows, FIDELITY_METRICS, "passages")]
     out.append(section_ablation(d, img))
     return "\n".join(out) + notes(d)
 
 
-def section_seeds(d: dict, others: list) -> str:
-    """The fidelity table's rows on other seeds (other passages, same command with --seed): which
-    standings hold. KL per method as seed a / seed b / ..., and momentkv's standing per seed."""
+FIDELITY_METRICS = (("kl", "KL to full", False, f), ("top1", "top-1 agreement", True, pct), ("nll", "NLL", False, f))
+RULER_METRICS = (("score", "score", True, pct),)
+
+
+def section_seeds(d: dict, others: list, rows_of, metrics: tuple, samples: str) -> str:
+    """A quality table's rows on other seeds (other samples, the same command with --seed): which
+    standings hold. The first metric per method as seed a / seed b / ... and pooled (the seeds' mean),
+    momentkv's standing pooled and per seed, and a count over every seed and ratio."""
     runs = [d] + list(others)
     seeds = [_seed(r) for r in runs]
-    tables = [fidelity_rows(r) for r in runs]
-    ratios, methods = tables[0][0], [m for m in tables[0][1] if all((m, tables[0][0][0]) in t[2] for t in tables)]
+    tables = [rows_of(r) for r in runs]
+    ratios = tables[0][0]
+    methods = [m for m in tables[0][1] if all((m, r) in t[2] for t in tables for r in ratios)]
+    pooled = {(m, r): {k: sum(t[2][(m, r)][k] for t in tables) / len(tables) for k, *_ in metrics}
+              for m in methods for r in ratios}
+    key, name0, _, fmt0 = metrics[0]
     out = ["#### Other seeds", "",
-           f"The same rows on other passages (seeds {', '.join(map(str, seeds[1:]))}; seed {seeds[0]} is the table above), "
-           "to show which standings hold. Each run:", ""]
+           f"The same rows on other {samples} (seeds {', '.join(map(str, seeds[1:]))}; seed {seeds[0]} is the table "
+           "above), to show which standings hold; pooled: the seeds' mean. Each run:", ""]
     out += [f"- seed {sd}: {provenance(r)}" for sd, r in zip(seeds[1:], runs[1:])]
-    header = ["method"] + [f"KL, ratio {r}: seed {' / '.join(map(str, seeds))}" for r in ratios]
-    cells = [[m] + [" / ".join(f(t[2][(m, r)]["kl"]) if (m, r) in t[2] else "–" for t in tables) for r in ratios]
-             for m in methods]
+    header = ["method"] + [f"{name0}, ratio {r}: seed {' / '.join(map(str, seeds))}" for r in ratios] + \
+             [f"pooled, ratio {r}" for r in ratios]
+    cells = [[m] + [" / ".join(fmt0(t[2][(m, r)][key]) for t in tables) for r in ratios]
+             + [fmt0(pooled[(m, r)][key]) for r in ratios] for m in methods]
     out += ["", table(header, cells), ""]
-    metrics = (("kl", "KL to full", False, f), ("top1", "top-1 agreement", True, pct), ("nll", "NLL", False, f))
     counts = []
     for metric, name, higher, _ in metrics:
         verdicts = [v for rs, ms, by in tables for *_, v in standing(by, ms, rs, metric, higher)]
         counts.append(f"{name} in {verdicts.count('leads')} of {len(verdicts)}")
-    out += [f"MomentKV's best row leads the best other method, over every seed and ratio: {', '.join(counts)}. "
-            "Per seed:", ""]
+    out += [f"MomentKV's best row leads the best other method, over every seed and ratio: {', '.join(counts)}.", ""]
     for metric, name, higher, fmt in metrics:
+        out.append(f"- {momentkv_standing(pooled, methods, ratios, metric, higher, fmt, f'{name}, pooled')}")
         for sd, (rs, ms, by) in zip(seeds, tables):
             line = momentkv_standing(by, ms, rs, metric, higher, fmt, f"{name}, seed {sd}")
             out += [f"- {line}"] if line else []
     return "\n".join(out)
+
+
+def ruler_rows(d: dict):
+    """(ratios, methods in table order, (method, ratio) -> row) of a RULER run."""
+    rows = d["rows"]
+    return (sorted({r["ratio"] for r in rows if r["ratio"] is not None}), list(dict.fromkeys(label(r) for r in rows)),
+            {(label(r), r["ratio"]): r for r in rows})
 
 
 def section_ablation(d: dict, img: Path) -> str:
@@ -286,11 +302,9 @@ def section_ablation(d: dict, img: Path) -> str:
     return "\n".join(out)
 
 
-def section_ruler(d: dict, img: Path) -> str:
+def section_ruler(d: dict, img: Path, seeds: list = ()) -> str:
     rows = d["rows"]
-    ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
-    methods = list(dict.fromkeys(label(r) for r in rows))
-    by = {(label(r), r["ratio"]): r for r in rows}
+    ratios, methods, by = ruler_rows(d)
     lengths = sorted({int(L) for r in rows for L in r["by_length"]})
     tasks = list(dict.fromkeys(t for r in rows for t in r["by_task"]))
     setting = "question-aware (the question is compressed with the context)" if d["config"].get("question_aware") else \
@@ -334,6 +348,8 @@ def section_ruler(d: dict, img: Path) -> str:
               for m in methods if any((m, r) in by for r in ratios)}
     out.append(plot_lines(img / "ruler.png", series, "fraction of the prompt kept", "RULER score",
                           "RULER-style retrieval vs budget (kvpress dashed)"))
+    if seeds:
+        out += ["", section_seeds(d, seeds, ruler_rows, RULER_METRICS, "samples")]
     return "\n".join(out) + notes(d)
 
 
@@ -673,7 +689,7 @@ def quality_time(results: dict) -> list[str]:
 
 def report(folder: Path, markdown: Path) -> str:
     results = load_results(folder)
-    seeds = other_seeds(folder, results["fidelity"]) if "fidelity" in results else []
+    seeds = {s: other_seeds(folder, results[s]) for s in ("fidelity", "ruler") if s in results}
     root = markdown.parent
     img = Path("docs") / "bench"
     (root / img).mkdir(parents=True, exist_ok=True)
@@ -700,9 +716,9 @@ def report(folder: Path, markdown: Path) -> str:
         parts += ["## Quality", ""]
     parts += quality_time(results)
     if "fidelity" in results:
-        parts += [rel(section_fidelity, results["fidelity"], cwd_img, root, seeds), ""]
+        parts += [rel(section_fidelity, results["fidelity"], cwd_img, root, seeds["fidelity"]), ""]
     if "ruler" in results:
-        parts += [rel(section_ruler, results["ruler"], cwd_img), ""]
+        parts += [rel(section_ruler, results["ruler"], cwd_img, seeds["ruler"]), ""]
     if "longgen" in results:
         parts += [rel(section_longgen, results["longgen"], cwd_img), ""]
     if any(s in results for s in ("speed", "flatcost", "memory", "attention", "tp")):
