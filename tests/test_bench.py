@@ -547,7 +547,7 @@ def test_report_keeps_the_default_seed_and_shows_the_others(tmp_path):
 
 
 def test_report_flags_long_generation_scores_above_full(tmp_path):
-    from tinyengine.benchreport import section_longgen
+    from tinyengine.benchreport import LONGGEN_METRICS, longgen_rows, section_longgen, section_seeds
 
     row = lambda m, db, score, parity="total capacity": {"method": m, "decode_budget": db, "parity": parity,  # noqa: E731
                                                          "kl": 0.01, "top1": 0.99, "score": score, "kl_by_pos": None}
@@ -557,3 +557,9 @@ def test_report_flags_long_generation_scores_above_full(tmp_path):
     text = section_longgen(d, tmp_path)
     assert "decode budget 8: momentkv 10.0% against scope 12.5%, behind" in text
     assert "Above full's own score: scope at 8; one sub-question is 1.6 points." in text
+    other = dict(d, config={**d["config"], "seed": 1}, rows=[dict(r, kl=r["kl"] * 3) if r["method"] == "scope" else r
+                                                              for r in d["rows"]])
+    text = section_seeds(d, [other], longgen_rows, LONGGEN_METRICS, "prompts", "decode budget")
+    assert "| scope | 0.010 / 0.030 | 0.010 / 0.030 | 0.020 | 0.020 |" in text
+    assert "(KL, pooled): decode budget 8: momentkv 0.010 against scope 0.020, leads" in text
+    assert "over every seed and decode budget: KL in 2 of 4, score in 0 of 4" in text  # seed 0's KL: tied

@@ -224,9 +224,10 @@ def section_fidelity(d: dict, img: Path, root: Path, seeds: list = ()) -> str:
 
 FIDELITY_METRICS = (("kl", "KL to full", False, f), ("top1", "top-1 agreement", True, pct), ("nll", "NLL", False, f))
 RULER_METRICS = (("score", "score", True, pct),)
+LONGGEN_METRICS = (("kl", "KL", False, f), ("score", "score", True, pct))
 
 
-def section_seeds(d: dict, others: list, rows_of, metrics: tuple, samples: str) -> str:
+def section_seeds(d: dict, others: list, rows_of, metrics: tuple, samples: str, column: str = "ratio") -> str:
     """A quality table's rows on other seeds (other samples, the same command with --seed): which
     standings hold. The first metric per method as seed a / seed b / ... and pooled (the seeds' mean),
     momentkv's standing pooled and per seed, and a count over every seed and ratio."""
@@ -242,8 +243,8 @@ def section_seeds(d: dict, others: list, rows_of, metrics: tuple, samples: str) 
            f"The same rows on other {samples} (seeds {', '.join(map(str, seeds[1:]))}; seed {seeds[0]} is the table "
            "above), to show which standings hold; pooled: the seeds' mean. Each run:", ""]
     out += [f"- seed {sd}: {provenance(r)}" for sd, r in zip(seeds[1:], runs[1:])]
-    header = ["method"] + [f"{name0}, ratio {r}: seed {' / '.join(map(str, seeds))}" for r in ratios] + \
-             [f"pooled, ratio {r}" for r in ratios]
+    header = ["method"] + [f"{name0}, {column} {r}: seed {' / '.join(map(str, seeds))}" for r in ratios] + \
+             [f"pooled, {column} {r}" for r in ratios]
     cells = [[m] + [" / ".join(fmt0(t[2][(m, r)][key]) for t in tables) for r in ratios]
              + [fmt0(pooled[(m, r)][key]) for r in ratios] for m in methods]
     out += ["", table(header, cells), ""]
@@ -251,13 +252,21 @@ def section_seeds(d: dict, others: list, rows_of, metrics: tuple, samples: str) 
     for metric, name, higher, _ in metrics:
         verdicts = [v for rs, ms, by in tables for *_, v in standing(by, ms, rs, metric, higher)]
         counts.append(f"{name} in {verdicts.count('leads')} of {len(verdicts)}")
-    out += [f"MomentKV's best row leads the best other method, over every seed and ratio: {', '.join(counts)}.", ""]
+    out += [f"MomentKV's best row leads the best other method, over every seed and {column}: {', '.join(counts)}.", ""]
     for metric, name, higher, fmt in metrics:
-        out.append(f"- {momentkv_standing(pooled, methods, ratios, metric, higher, fmt, f'{name}, pooled')}")
+        out.append(f"- {momentkv_standing(pooled, methods, ratios, metric, higher, fmt, f'{name}, pooled', column)}")
         for sd, (rs, ms, by) in zip(seeds, tables):
-            line = momentkv_standing(by, ms, rs, metric, higher, fmt, f"{name}, seed {sd}")
+            line = momentkv_standing(by, ms, rs, metric, higher, fmt, f"{name}, seed {sd}", column)
             out += [f"- {line}"] if line else []
     return "\n".join(out)
+
+
+def longgen_rows(d: dict):
+    """(decode budgets, methods in table order, (method, decode budget) -> row) of a long-generation run."""
+    rows = d["rows"]
+    return (sorted({r["decode_budget"] for r in rows if r["decode_budget"] is not None}),
+            list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full")),
+            {(r["method"], r["decode_budget"]): r for r in rows})
 
 
 def ruler_rows(d: dict):
@@ -398,12 +407,10 @@ def longgen_findings(by: dict, methods: list, budgets: list) -> list[str]:
     return out + [""] if out else []
 
 
-def section_longgen(d: dict, img: Path) -> str:
+def section_longgen(d: dict, img: Path, seeds: list = ()) -> str:
     rows = d["rows"]
     full = next((r for r in rows if r["method"] == "full"), None)
-    budgets = sorted({r["decode_budget"] for r in rows if r["decode_budget"] is not None})
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full"))
-    by = {(r["method"], r["decode_budget"]): r for r in rows}
+    budgets, methods, by = longgen_rows(d)
     c = d["config"]
     unified = [m for m in methods if any(by.get((m, db), {}).get("parity") == "total capacity" for db in budgets)]
     out = ["### Long generation (LongGenBench-style)", "", provenance(d), "",
@@ -453,6 +460,8 @@ def section_longgen(d: dict, img: Path) -> str:
     if series:
         out.append(plot_lines(img / "longgen_kl_position.png", series, "generated token", "KL(full || policy)",
                               f"Long generation: KL along the output at decode budget {db}", logy=True))
+    if seeds:
+        out += ["", section_seeds(d, seeds, longgen_rows, LONGGEN_METRICS, "prompts", "decode budget")]
     return "\n".join(out) + notes(d)
 
 
@@ -689,7 +698,7 @@ def quality_time(results: dict) -> list[str]:
 
 def report(folder: Path, markdown: Path) -> str:
     results = load_results(folder)
-    seeds = {s: other_seeds(folder, results[s]) for s in ("fidelity", "ruler") if s in results}
+    seeds = {s: other_seeds(folder, results[s]) for s in ("fidelity", "ruler", "longgen") if s in results}
     root = markdown.parent
     img = Path("docs") / "bench"
     (root / img).mkdir(parents=True, exist_ok=True)
@@ -720,7 +729,7 @@ def report(folder: Path, markdown: Path) -> str:
     if "ruler" in results:
         parts += [rel(section_ruler, results["ruler"], cwd_img, seeds["ruler"]), ""]
     if "longgen" in results:
-        parts += [rel(section_longgen, results["longgen"], cwd_img), ""]
+        parts += [rel(section_longgen, results["longgen"], cwd_img, seeds["longgen"]), ""]
     if any(s in results for s in ("speed", "flatcost", "memory", "attention", "tp")):
         parts += ["## Speed and memory", ""]
     if "speed" in results:
