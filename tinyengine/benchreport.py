@@ -240,7 +240,8 @@ def section_seeds(d: dict, others: list, rows_of, metrics: tuple, samples: str, 
               for m in methods for r in ratios}
     key, name0, _, fmt0 = metrics[0]
     out = ["#### Other seeds", "",
-           f"The same rows on other {samples} (seeds {', '.join(map(str, seeds[1:]))}; seed {seeds[0]} is the table "
+           f"The same rows on other {samples} (seed{'s' if len(seeds) > 2 else ''} {', '.join(map(str, seeds[1:]))}; "
+           f"seed {seeds[0]} is the table "
            "above), to show which standings hold; pooled: the seeds' mean. Each run:", ""]
     out += [f"- seed {sd}: {provenance(r)}" for sd, r in zip(seeds[1:], runs[1:])]
     header = ["method"] + [f"{name0}, {column} {r}: seed {' / '.join(map(str, seeds))}" for r in ratios] + \
@@ -713,7 +714,7 @@ def report(folder: Path, markdown: Path) -> str:
              "command line, machine, date and versions). Do not edit by hand: rerun the benchmark and the report.", "",
              "Reproduce (2 CPU cores; times measured on the machine named in each section):", "",
              "```", "python bench.py quality            # fidelity + MomentKV ablation, RULER, long generation, kvpress side by side",
-             "python bench.py quality --suites fidelity --seed 1   # (and --seed 2) fidelity on other passages",
+             "python bench.py quality --suites fidelity --seed 1   # other samples (any suite; --seed 2 ...): 'Other seeds'",
              "python bench.py speed              # tok/s vs transformers, bandwidth limit, compile/startup, decode vs context",
              "python bench.py memory             # peak RSS and KV bytes (a subprocess per measurement)",
              "python bench.py attention          # attention backends and decode weight products on this device",
