@@ -57,9 +57,10 @@ policies/correction.py implement.
    prefill and at every decode step (H2O's recent window); with recent < 0, SnapKV's rule (the
    window's own tokens at prefill, nothing at decode), and then window=64, kernel=7 and
    mi="none" keep exactly SnapKV's set (policies/snapkv.py). MI is added to the unprotected
-   scores. Decode (momentum-style, Eq. 5 of moment-kv-momentum.txt): s_i <- beta s_i + (1 - beta)(a_i + mi_weight c_i), new
-   tokens entering at 0, with a_i the attention of the kv head's query group (`per_kv_head`,
-   default; False: all heads of the layer, as Moment-KV, section 5c). The prompt tokens kept by prefill
+   scores, averaged as the votes are. Decode (momentum-style, Eq. 5 of moment-kv-momentum.txt):
+   s_i <- beta s_i + (1 - beta)(a_i + mi_weight c_i), new tokens entering at 0, with a_i the
+   attention of the kv head's query group (`per_kv_head`, default; False: all heads of the
+   layer, as Moment-KV, section 5c). The prompt tokens kept by prefill
    start decode with their prefill score, a per-query attention mean, in the same units (the
    protected tokens with the best kept score of their row and head, `carry="best"`, or with
    their own votes, `carry="own"`). Because those are

@@ -371,6 +371,7 @@ def layer0_kv(model, tokens):
 @pytest.mark.parametrize("spec,kw,chunk", [
     ("momentkv", dict(budget=40, options=W), None),
     ("momentkv", dict(budget=40, options=W), 16),
+    ("momentkv", dict(budget=40, options={**W, "vote_mean": "token"}), 16),
     ("snapkv+momentum", dict(budget=40, decode_budget=8, correction="nc"), 16),
 ])
 def test_engine_moments_are_those_of_the_evicted_tokens(model, spec, kw, chunk):
