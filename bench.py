@@ -463,13 +463,25 @@ def fid_row(b, table, method, source, ratio, ref_logits, logits, ref_attn, attn,
     kl, top1, nll = torch.stack(kl, 1), torch.stack(top1, 1), torch.stack(nll, 1)  # [B, L]
     row = {"table": table, "method": method, "source": source, "ratio": ratio, "kept": round(kept, 4),
            "kl": kl.mean().item(), "top1": top1.mean().item(), "nll": nll.mean().item(),
-           "kl_by_pos": [round(x, 5) for x in kl.mean(0).tolist()]}
+           "kl_by_pos": [round(x, 5) for x in kl.mean(0).tolist()],
+           "blocks": {name: block_means(x) for name, x in (("kl", kl), ("top1", top1), ("nll", nll))}}
     if attn and ref_attn:
         a, r = torch.stack(attn), torch.stack(ref_attn)  # [steps, layers, B, hidden]
         err = (a - r).norm(dim=-1) / r.norm(dim=-1).clamp(min=1e-12)
         row["rel_err_by_layer"] = [round(x, 5) for x in err.mean(dim=(0, 2)).tolist()]
         row["rel_err"] = err.mean().item()
     return row
+
+
+NOISE_BLOCK = 16  # tokens per block of the noise estimate (benchreport.paired_noise)
+
+
+def block_means(x) -> list:
+    """Means of runs of NOISE_BLOCK consecutive positions of each passage ([B, L] -> B * L / NOISE_BLOCK
+    values): the report's standard errors come from them (batch means), since neighbouring tokens'
+    errors are correlated and a per-token standard error would understate the noise."""
+    n = max(1, x.shape[1] // NOISE_BLOCK)
+    return [float(f"{v:.5g}") for c in x.float().tensor_split(n, dim=1) for v in c.mean(1).tolist()]
 
 
 def fidelity_kvpress(b, presses, ratios, ctx, cont, our_full, bar) -> list[dict]:

@@ -563,3 +563,63 @@ def test_report_flags_long_generation_scores_above_full(tmp_path):
     assert "| scope | 0.010 / 0.030 | 0.010 / 0.030 | 0.020 | 0.020 |" in text
     assert "(KL, pooled): decode budget 8: momentkv 0.010 against scope 0.020, leads" in text
     assert "over every seed and decode budget: KL in 2 of 4, score in 0 of 4" in text  # seed 0's KL: tied
+
+
+def test_block_means_cover_every_token_and_keep_the_mean():
+    """The fidelity rows' block means (the noise estimate's input): every position counted once,
+    NOISE_BLOCK positions per block where the length allows, one block per passage where it is shorter."""
+    sys.path.insert(0, str(ROOT))
+    from bench import NOISE_BLOCK, block_means
+
+    x = torch.rand(2, 8 * NOISE_BLOCK, dtype=torch.float64)
+    blocks = block_means(x)
+    assert len(blocks) == 16 and math.isclose(sum(blocks) / 16, x.mean().item(), rel_tol=1e-4)
+    assert math.isclose(blocks[1], x[1, :NOISE_BLOCK].mean().item(), rel_tol=1e-4)  # chunk-major: chunk 0 of passage 1
+    assert len(block_means(torch.rand(2, 24))) == 2 and len(block_means(torch.rand(1, 8))) == 1
+
+
+def test_report_states_differences_against_their_paired_standard_error():
+    """A standing line carries the difference, its batch-means standard error and whether it is within
+    2 SE; the same-method line says which of our methods are within noise of kvpress's and which are not,
+    with the reason; runs without block means get neither."""
+    from tinyengine.benchreport import fidelity_parity, momentkv_standing, paired_noise
+
+    row = lambda kl, blocks: {"kl": kl, "blocks": {"kl": blocks}}  # noqa: E731
+    a, b = row(0.010, [0.010, 0.012, 0.008, 0.010]), row(0.011, [0.011, 0.012, 0.010, 0.011])
+    d = [-0.001, 0.0, -0.002, -0.001]  # a - b per block
+    sd = math.sqrt(sum((x + 0.001) ** 2 for x in d) / 3)
+    assert math.isclose(paired_noise(a, b, "kl"), sd / 2)
+    assert paired_noise({"kl": 0.1}, b, "kl") is None and paired_noise(a, row(0.1, [0.1]), "kl") is None
+    by = {("momentkv", 0.5): a, ("snapkv (kvpress)", 0.5): b}
+    line = momentkv_standing(by, ["momentkv", "snapkv (kvpress)"], [0.5], "kl", False, lambda v: f"{v:.4f}", "KL")
+    assert "momentkv 0.0100 against snapkv (kvpress) 0.0110, leads (by 0.0010 ± 0.0004 SE, 2.4 SE)." in line
+    by[("snapkv (kvpress)", 0.5)] = row(0.011, [0.016, 0.012, 0.006, 0.010])  # same mean, noisier difference
+    assert "SE: within noise)" in momentkv_standing(by, ["momentkv", "snapkv (kvpress)"], [0.5], "kl", False, str, "KL")
+    by = {("knorm", 0.5): a, ("knorm (kvpress)", 0.5): row(0.0101, [0.0103, 0.0119, 0.0083, 0.0099]),
+          ("snapkv", 0.5): a, ("snapkv (kvpress)", 0.5): b, ("mystery", 0.5): b, ("mystery (kvpress)", 0.5): a}
+    line = fidelity_parity(by, [0.5])[0]
+    assert "within 2 SE at every ratio: knorm." in line
+    assert "snapkv at ratio 0.5 (-1.0e-03 ± " in line and "(the paper's max pooling" in line
+    assert "mystery at ratio 0.5 (+1.0e-03 ± " in line and "(not by design: investigate)" in line
+    assert fidelity_parity({("knorm", 0.5): {"kl": 0.1}, ("knorm (kvpress)", 0.5): {"kl": 0.1}}, [0.5]) == []
+
+
+def test_other_seeds_pool_the_block_means_and_count_leads_beyond_noise():
+    from tinyengine.benchreport import FIDELITY_METRICS, fidelity_rows, section_seeds
+
+    def run(seed, ours, theirs):
+        row = lambda m, src, blocks: {"table": "fidelity", "method": m, "source": src, "ratio": 0.5,  # noqa: E731
+                                      "kl": sum(blocks) / 4, "top1": 0.9, "nll": 2.0,
+                                      "blocks": {"kl": blocks, "top1": [0.9] * 4, "nll": [2.0] * 4}}
+        return {"suite": "fidelity", "size": "default", "date": f"2026-01-0{seed + 1}", "command": "c",
+                "config": {"seed": seed}, "rows": [row("momentkv", "tinyengine", ours), row("snapkv", "kvpress", theirs)]}
+
+    seed0 = run(0, [0.010, 0.011, 0.009, 0.010], [0.020, 0.022, 0.019, 0.021])  # clearly ahead
+    seed1 = run(1, [0.010, 0.030, 0.002, 0.018], [0.012, 0.022, 0.010, 0.018])  # ahead by noise
+    text = section_seeds(seed0, [seed1], fidelity_rows, FIDELITY_METRICS, "passages")
+    assert "KL to full in 2 of 2 (1 by more than 2 SE; behind by more than 2 SE in 0)" in text
+    pooled = [line for line in text.splitlines() if "(KL to full, pooled)" in line][0]
+    assert "leads (by " in pooled and " SE" in pooled  # pooled over 8 blocks
+    seed1_line = text.split("(KL to full, seed 1)")[1].splitlines()[0]
+    assert "momentkv 0.015 against snapkv (kvpress)" in seed1_line and "leads (by " in seed1_line
+    assert "SE: within noise)" in seed1_line

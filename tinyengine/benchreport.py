@@ -118,10 +118,37 @@ def standing(by: dict, methods: list, ratios: list, metric: str, higher: bool) -
     return out
 
 
+def paired_noise(a: dict, b: dict, metric: str):
+    """The standard error of row a's `metric` minus row b's, on the same tokens, or None (rows without
+    the fidelity suite's block means, e.g. runs made before bench.py stored them). Batch means: each
+    value is the mean over NOISE_BLOCK consecutive positions of one passage (bench.block_means), so
+    the correlation between neighbouring tokens is inside a block and the blocks are treated as
+    independent; SE = sd(block differences) / sqrt(blocks)."""
+    xa, xb = (r.get("blocks", {}).get(metric) for r in (a, b))
+    if not xa or not xb or len(xa) != len(xb) or len(xa) < 2:
+        return None
+    d = [p - q for p, q in zip(xa, xb)]
+    mean = sum(d) / len(d)
+    return math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
+def noise_note(by: dict, a: tuple, b: tuple, r, metric: str, fmt) -> tuple:
+    """(' (difference ± SE, z SE)' for a standing line, whether the difference is within 2 SE), or
+    ('', None) where the rows carry no block means."""
+    se = paired_noise(by[(a[1], r)], by[(b[1], r)], metric) if (a[1], r) in by and (b[1], r) in by else None
+    if se is None:
+        return "", None
+    diff = abs(a[0] - b[0])
+    z = round(diff / se, 1) if se > 0 else (0.0 if diff == 0 else math.inf)  # rounded as shown, and judged so
+    return f" (by {fmt(diff)} ± {fmt(se)} SE, {z:.1f} SE{': within noise' if z < 2 else ''})", z < 2
+
+
 def momentkv_standing(by: dict, methods: list, ratios: list, metric: str, higher: bool, fmt, what: str,
                       column: str = "ratio") -> str:
-    """`standing` as a line read off a table."""
+    """`standing` as a line read off a table, with the difference's standard error where the rows
+    have block means (a difference within 2 SE is noise, whatever the verdict says)."""
     parts = [f"{column} {r}: {a[1]} {fmt(a[0])} against {b[1]} {fmt(b[0])}, {verdict}"
+             + (noise_note(by, a, b, r, metric, fmt)[0] if verdict != "tied" else "")
              for r, a, b, verdict in standing(by, methods, ratios, metric, higher)]
     return f"MomentKV's best row against the best other method ({what}): " + "; ".join(parts) + "." if parts else ""
 
@@ -182,6 +209,8 @@ def fidelity_rows(d: dict):
 
 def section_fidelity(d: dict, img: Path, root: Path, seeds: list = ()) -> str:
     ratios, methods, by = fidelity_rows(d)
+    blocks = next((r["blocks"]["kl"] for r in by.values() if r.get("blocks")), None)
+    block = round(d["config"].get("fid_n", 1) * d["config"].get("fid_cont", 0) / len(blocks)) if blocks else 0
     out = ["### Fidelity: teacher-forced on prose, against the full cache", "",
            provenance(d), "",
            f"Context {d['config'].get('fid_ctx')} tokens compressed at prefill, then {d['config'].get('fid_cont')} reference "
@@ -193,8 +222,11 @@ def section_fidelity(d: dict, img: Path, root: Path, seeds: list = ()) -> str:
            "Parity: kvpress's presses, and our prefill-only policies (snapkv, pyramidkv, knorm, keydiff), compress the "
            "prompt and keep every generated token; our unified ones (h2o, tova, streamingllm, momentkv) hold the budget "
            "in total while the reference tokens are fed, so they keep fewer tokens by the end; `{prefill_only=1}` rows "
-           "run a unified policy's prefill part alone, at kvpress's parity. Best per column in bold.", ""]
-    for metric, name, higher, fmt in (("kl", "KL to full", False, f), ("top1", "top-1 agreement", True, pct), ("nll", "NLL", False, f)):
+           "run a unified policy's prefill part alone, at kvpress's parity. Best per column in bold."
+           + (" Noise: a difference between two rows is given with its standard error, paired over the same tokens and "
+              f"estimated from blocks of {block} consecutive positions of a passage (batch means, since neighbouring "
+              "tokens' errors are correlated); within 2 SE it is noise, whichever row is ahead." if blocks else ""), ""]
+    for metric, name, higher, fmt in FIDELITY_METRICS:
         header = ["method"] + [f"ratio {r} (keep {1 - r:.1%})" for r in ratios]
         cells = {m: [fmt(by[(m, r)][metric]) if (m, r) in by else "–" for r in ratios] for m in methods}
         for j, r in enumerate(ratios):  # bold the best per column
@@ -206,6 +238,7 @@ def section_fidelity(d: dict, img: Path, root: Path, seeds: list = ()) -> str:
                 table(header, [[m] + cells[m] for m in methods]), ""]
         line = momentkv_standing(by, methods, ratios, metric, higher, fmt, name)
         out += [line, ""] if line else []
+    out += fidelity_parity(by, ratios)
     check = [r for r in d["rows"] if r.get("table") == "check"]
     if check:
         out.append(f"Check: transformers' full cache against ours, KL {f(check[0]['kl'])}, top-1 {pct(check[0]['top1'])}.")
@@ -238,6 +271,10 @@ def section_seeds(d: dict, others: list, rows_of, metrics: tuple, samples: str, 
     methods = [m for m in tables[0][1] if all((m, r) in t[2] for t in tables for r in ratios)]
     pooled = {(m, r): {k: sum(t[2][(m, r)][k] for t in tables) / len(tables) for k, *_ in metrics}
               for m in methods for r in ratios}
+    for (m, r), row in pooled.items():  # the seeds' blocks together (equal counts: their mean is the pooled value)
+        blocks = [t[2][(m, r)].get("blocks") for t in tables]
+        if all(blocks):
+            row["blocks"] = {k: sum((b[k] for b in blocks), []) for k, *_ in metrics}
     key, name0, _, fmt0 = metrics[0]
     out = ["#### Other seeds", "",
            f"The same rows on other {samples} (seed{'s' if len(seeds) > 2 else ''} {', '.join(map(str, seeds[1:]))}; "
@@ -250,9 +287,14 @@ def section_seeds(d: dict, others: list, rows_of, metrics: tuple, samples: str, 
              + [fmt0(pooled[(m, r)][key]) for r in ratios] for m in methods]
     out += ["", table(header, cells), ""]
     counts = []
-    for metric, name, higher, _ in metrics:
-        verdicts = [v for rs, ms, by in tables for *_, v in standing(by, ms, rs, metric, higher)]
-        counts.append(f"{name} in {verdicts.count('leads')} of {len(verdicts)}")
+    for metric, name, higher, fmt in metrics:
+        cells = [(v, noise_note(by, a, b, r, metric, fmt)[1]) for rs, ms, by in tables
+                 for r, a, b, v in standing(by, ms, rs, metric, higher)]
+        count = f"{name} in {sum(v == 'leads' for v, _ in cells)} of {len(cells)}"
+        if any(noisy is not None for _, noisy in cells):  # block means present: which differences are beyond noise
+            beyond = lambda verdict: sum(v == verdict and noisy is False for v, noisy in cells)  # noqa: E731
+            count += f" ({beyond('leads')} by more than 2 SE; behind by more than 2 SE in {beyond('behind')})"
+        counts.append(count)
     out += [f"MomentKV's best row leads the best other method, over every seed and {column}: {', '.join(counts)}.", ""]
     for metric, name, higher, fmt in metrics:
         out.append(f"- {momentkv_standing(pooled, methods, ratios, metric, higher, fmt, f'{name}, pooled', column)}")
@@ -367,6 +409,42 @@ def section_ruler(d: dict, img: Path, seeds: list = ()) -> str:
 BY_DESIGN = {"snapkv": "the paper's max pooling, window 32, kernel 7; kvpress's average pooling, window 64, kernel 5",
              "pyramidkv": "SnapKV's scoring as above",
              "tova": "ours is unified: it also evicts while the question and answer are decoded; kvpress compresses the prompt only"}
+
+
+# The fidelity suite's reason for a difference: as RULER's, with the reference tokens in the question's place.
+FIDELITY_BY_DESIGN = {**BY_DESIGN, **{m: "ours is unified: it also evicts while the reference tokens are fed; kvpress "
+                                        "compresses the prompt only" for m in ("tova", "streamingllm", "h2o")}}
+
+
+def fidelity_parity(by: dict, ratios: list) -> list[str]:
+    """Ours against kvpress for each method both have, on KL to full: the difference per ratio against its
+    paired standard error (paired_noise); within 2 SE at every ratio is "within noise" (issue 6: our
+    implementation of a method kvpress has must score within noise of kvpress's)."""
+    shared = sorted({m for (m, r) in by if r is not None and (f"{m} (kvpress)", r) in by})
+    same, other = [], []
+    for m in shared:
+        cells = []
+        for r in ratios:
+            a, b = by.get((m, r)), by.get((f"{m} (kvpress)", r))
+            if a and b:
+                se = paired_noise(a, b, "kl")
+                if se is None:
+                    return []  # a run without block means: no noise to compare against
+                z = round(abs(a["kl"] - b["kl"]) / se, 1) if se > 0 else (0.0 if a["kl"] == b["kl"] else math.inf)
+                cells.append((r, a["kl"] - b["kl"], se, z))
+        far = [c for c in cells if c[3] >= 2]
+        if not far:
+            same.append(m)
+        else:
+            other.append(f"{m} at " + ", ".join(f"ratio {r} ({'+' if d > 0 else '-'}{f(abs(d))} ± {f(se)}, {z:.1f} SE)"
+                                                for r, d, se, z in far) + f" ({FIDELITY_BY_DESIGN.get(m, 'not by design: investigate')})")
+    if not shared:
+        return []
+    line = ("Same method, ours against kvpress's (KL to full, ours minus kvpress's, paired over the same tokens): within "
+            f"2 SE at every ratio: {', '.join(same) or 'none'}.")
+    if other:
+        line += " Beyond: " + "; ".join(other) + "."
+    return [line, ""]
 
 
 def ruler_parity(by: dict, ratios: list, n: int) -> list[str]:
