@@ -413,7 +413,9 @@ BY_DESIGN = {"snapkv": "the paper's max pooling, window 32, kernel 7; kvpress's 
 
 # The fidelity suite's reason for a difference: as RULER's, with the reference tokens in the question's place.
 FIDELITY_BY_DESIGN = {**BY_DESIGN, **{m: "ours is unified: it also evicts while the reference tokens are fed; kvpress "
-                                        "compresses the prompt only" for m in ("tova", "streamingllm", "h2o")}}
+                                        "compresses the prompt only" for m in ("tova", "streamingllm", "h2o")},
+                      "knorm": "ties: a repeated token's layer-0 keys have equal norms (RoPE keeps the norm) and the two "
+                               "top-k's break such ties differently; tests/test_kvpress_equality.py allows only ties"}
 
 
 def fidelity_parity(by: dict, ratios: list) -> list[str]:
