@@ -69,7 +69,7 @@ DECODE_EXTRA = [LAYER_DECISION]
 # momentkv's NC on kvpress's ObservedAttention base (every query of the default size's 1024-token context votes, each
 # token's votes averaged over the queries that see it, nothing protected; with nc=0 it keeps ObservedAttention's set,
 # tests/test_kvpress_equality.py): what the moments add to that press, at its parity. NC alone was chosen over MI + NC
-# on two other seeds (`bench.py quality --suites fidelity --seed 1` and `--seed 2`, with `--presses observed_attention`).
+# on ad hoc runs (not checked in) of `bench.py quality --suites fidelity --seed 1` and `--seed 2` with both rows.
 OBSERVED_NC = "momentkv{prefill_only=1;window=1024;vote_mean=token;recent=0;mi=none}"
 # kvpress's presses compress the prompt only and keep every generated token; unified momentkv keeps its budget in
 # total. The prefill-only rows are momentkv at kvpress's parity.

@@ -52,7 +52,8 @@ policies/correction.py implement.
    with nc on, bench.py OBSERVED_NC) lowers ObservedAttention's KL to full on prose at every ratio
    on three seeds (BENCHMARKS.md, fidelity and its other seeds; ratios 0.5 / 0.75 / 0.875):
    0.0084 / 0.026 / 0.091 -> 0.0071 / 0.024 / 0.079, 0.029 / 0.060 / 0.116 -> 0.028 / 0.059 / 0.114,
-   0.0060 / 0.018 / 0.042 -> 0.0055 / 0.017 / 0.037. With MI as well it lost at 2 of 6 on seeds 1, 2.
+   0.0060 / 0.018 / 0.042 -> 0.0055 / 0.017 / 0.037. With MI as well it lost at 2 of 6 on seeds 1, 2
+   (ad hoc runs, not checked in).
    Protected: with `recent` = r >= 0 (default 0.25) the newest floor(r * budget) tokens, at
    prefill and at every decode step (H2O's recent window); with recent < 0, SnapKV's rule (the
    window's own tokens at prefill, nothing at decode), and then window=64, kernel=7 and
@@ -431,7 +432,9 @@ class MomentKV(Policy):
         if self.base == "keys":
             return self._key_prefill_scores(layer, keys, values, pos, keep, moments)
         qw, qpos, ok = window
-        allowed = slot_mask(qpos, pos) & ok[:, None, :, None]  # [B, Hkv, W, N]: which window query sees which candidate
+        with_mi = self.mi != "none" and moments is not None
+        # [B, Hkv, W, N]: which window query sees which candidate; built only where something reads it
+        allowed = slot_mask(qpos, pos) & ok[:, None, :, None] if with_mi or self.vote_mean == "token" else None
         voters = allowed.sum(2).clamp(min=1).float() if self.vote_mean == "token" else None  # per candidate
         raw = self._per_layer(vote_scores(window_probs, pos, self.kernel, self.pooling, voters))
         if self.recent >= 0:
@@ -439,7 +442,7 @@ class MomentKV(Policy):
         else:
             base = self._per_layer(snapkv_scores(window_probs, pos, self.window, self.kernel, self.pooling))
         self._cand[layer] = raw
-        if self.mi == "none" or moments is None:
+        if not with_mi:
             return base
         B, Hkv, N = pos.shape
         current = moments.moments(layer)

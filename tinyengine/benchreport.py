@@ -132,15 +132,19 @@ def paired_noise(a: dict, b: dict, metric: str):
     return math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
+def z_score(diff: float, se: float) -> float:
+    """|diff| in standard errors, rounded to the one decimal the report shows (and judges by)."""
+    return round(abs(diff) / se, 1) if se > 0 else (0.0 if diff == 0 else math.inf)
+
+
 def noise_note(by: dict, a: tuple, b: tuple, r, metric: str, fmt) -> tuple:
     """(' (difference ± SE, z SE)' for a standing line, whether the difference is within 2 SE), or
     ('', None) where the rows carry no block means."""
     se = paired_noise(by[(a[1], r)], by[(b[1], r)], metric) if (a[1], r) in by and (b[1], r) in by else None
     if se is None:
         return "", None
-    diff = abs(a[0] - b[0])
-    z = round(diff / se, 1) if se > 0 else (0.0 if diff == 0 else math.inf)  # rounded as shown, and judged so
-    return f" (by {fmt(diff)} ± {fmt(se)} SE, {z:.1f} SE{': within noise' if z < 2 else ''})", z < 2
+    z = z_score(a[0] - b[0], se)
+    return f" (by {fmt(abs(a[0] - b[0]))} ± {fmt(se)} SE, {z:.1f} SE{': within noise' if z < 2 else ''})", z < 2
 
 
 def momentkv_standing(by: dict, methods: list, ratios: list, metric: str, higher: bool, fmt, what: str,
@@ -432,8 +436,7 @@ def fidelity_parity(by: dict, ratios: list) -> list[str]:
                 se = paired_noise(a, b, "kl")
                 if se is None:
                     return []  # a run without block means: no noise to compare against
-                z = round(abs(a["kl"] - b["kl"]) / se, 1) if se > 0 else (0.0 if a["kl"] == b["kl"] else math.inf)
-                cells.append((r, a["kl"] - b["kl"], se, z))
+                cells.append((r, a["kl"] - b["kl"], se, z_score(a["kl"] - b["kl"], se)))
         far = [c for c in cells if c[3] >= 2]
         if not far:
             same.append(m)
@@ -520,7 +523,7 @@ def section_longgen(d: dict, img: Path, seeds: list = ()) -> str:
         for row, c2 in zip(body, col):
             row[j] = c2
     out += [table(header, body), ""]
-    for key, fmt, higher, name in (("kl", f, False, "KL"), ("score", pct, True, "score")):
+    for key, name, higher, fmt in LONGGEN_METRICS:
         line = momentkv_standing(by, methods, budgets, key, higher, fmt, name, column="decode budget")
         above = [f"{b[1]} at {db}" for db, _, b, _ in standing(by, methods, budgets, key, higher) if full and b[0] > full[key]]
         if key == "score" and above and c.get("lg_questions"):  # a policy cannot beat full but by chance
