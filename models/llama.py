@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import linear_forms
+from models.linear_forms import linear, pack
 from tinyengine.errors import TinyEngineError
 
 SUPPORTED_ARCHITECTURES = {
@@ -148,50 +150,6 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-# A decode step multiplies every weight matrix by one row per sequence, so it is bound by reading
-# the weights. On CPU, MKL runs x @ W^T for one row as a gemv that reads W at ~12 GB/s (one core's
-# worth) and for a few rows at ~7-11 GB/s, while the same product written W @ x^T with at least two
-# columns runs its gemm at ~25-29 GB/s on the 2-core machine (`bench.py attention`: the linear table).
-# Larger products (prefill) are compute-bound, equally fast either way, and keep F.linear.
-SMALL_ROWS = 8
-# From 3 rows on, MKL's gemm no longer reads the weights at full speed (the linear table's GB/s falls
-# as rows grow), and oneDNN's kernel on weights reordered once into its blocked layout is faster, while
-# for 1-2 rows it is slower than W @ x^T (`bench.py attention`'s linear table, "packed" column). It
-# costs a second copy of the weights, so it is opt-in (Transformer.pack_weights, generate.py
-# --pack-weights); bench.py's quality suites decode 3-16 rows per step with it.
-PACKED_ROWS = (3, 64)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias): on CPU written W @ x^T for at most SMALL_ROWS rows (decode), or
-    with `packed` (weight in oneDNN's layout, Transformer.pack_weights) for PACKED_ROWS rows."""
-    rows = x.numel() // x.shape[-1]
-    if packed is not None and PACKED_ROWS[0] <= rows <= PACKED_ROWS[1] and not torch.compiler.is_compiling():
-        return packed_linear(x, packed, bias)
-    if x.device.type != "cpu" or rows > SMALL_ROWS:
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, x.shape[-1])
-    if rows == 1:  # one column would run the gemv again; the duplicate column costs nothing measurable
-        x2 = torch.cat((x2, x2))
-    y = (weight @ x2.t()).t()[:rows].contiguous()
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` reordered into oneDNN's blocked layout for `packed_linear` (a copy)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # 8: the batch size it tunes the layout for
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) by oneDNN's kernel, with `packed` = pack(weight)."""
-    rows = x.numel() // x.shape[-1]
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
 class Linear(nn.Linear):
     """nn.Linear (same parameters and names) whose forward is `linear`."""
 
@@ -271,11 +229,12 @@ class Transformer(nn.Module):
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
         self.output_packed = None  # pack_weights
+        self.measured_rows = set()  # (rows, threads) that measure_linear has seen
 
     def pack_weights(self):
-        """Keep a oneDNN-blocked copy of every weight matrix (the output layer's too) and use it for
-        products of PACKED_ROWS rows: faster batched decode on CPU (the linear table of BENCHMARKS.md)
-        for twice the weight memory. Float32 on CPU only; call it after the weights are loaded (or sharded), since
+        """Keep a oneDNN-blocked copy of every weight matrix (the output layer's too), a third form
+        for `models.linear_forms` to measure and use where fastest (from ~4 rows: batched decode on CPU; the
+        linear table of BENCHMARKS.md), for twice the weight memory. Float32 on CPU only; call it after the weights are loaded (or sharded), since
         the copy does not follow later changes to them."""
         weight = self.output_weight()
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
@@ -284,6 +243,25 @@ class Transformer(nn.Module):
             if isinstance(m, Linear):
                 m.packed = pack(m.weight)
         self.output_packed = pack(weight)
+
+    def measure_linear(self, rows: int, max_bytes: int = 2**30):
+        """Choose the fastest form of each weight product of `rows` rows (models/linear_forms.py), once per
+        row count, shape and thread count in a process: times the layers' matrices in order (as many
+        whole layers as fit in `max_bytes`, at least one) and the output layer's. forward() calls it
+        (a forked worker with fewer threads measures again) and Engine.setup does for its batch, so
+        a timed step does not pay for it (SmolLM2: ~0.5 s per row count on 2 cores)."""
+        if rows > linear_forms.TUNED_ROWS or (rows, torch.get_num_threads()) in self.measured_rows:
+            return
+        self.measured_rows.add((rows, torch.get_num_threads()))
+        mats, size = [], 0
+        for layer in self.model.layers:
+            mine = [(m.weight, m.packed) for m in layer.modules() if isinstance(m, Linear)]
+            size += sum(w.numel() * w.element_size() for w, _ in mine)
+            if mats and size > max_bytes:
+                break
+            mats += mine
+        mats.append((self.output_weight(), self.output_packed))
+        linear_forms.measure(mats, rows)
 
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
@@ -301,6 +279,10 @@ class Transformer(nn.Module):
         (prefill needs only the last real token; computing 49K-way logits for every
         prompt token would dominate prefill time).
         """
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            self.measure_linear(tokens.numel())
+            if last_only is not None:
+                self.measure_linear(len(last_only))
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):

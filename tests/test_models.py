@@ -1,10 +1,13 @@
 """Logits equal transformers' (float32, 1e-4) for every family, loaded from real safetensors folders."""
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import causal_logits, tiny_hf_model, write_tiny_checkpoint
 
-from models.llama import PACKED_ROWS, SMALL_ROWS, linear, pack
+from models import linear_forms
+from models.linear_forms import FORMS, TUNED_ROWS, linear, pack
 from tinyengine.engine import Engine
 from tinyengine.weights import load_model
 
@@ -61,41 +64,84 @@ def test_cpu_weights_are_the_checkpoints(tmp_path, tied):
         assert torch.equal(p, expected) and p.is_contiguous(), name
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, SMALL_ROWS, SMALL_ROWS + 1, 16])  # both sides of the threshold
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_equals_f_linear(rows, bias):
-    """models.llama.linear computes F.linear: W @ x^T for up to SMALL_ROWS rows on CPU (one row
-    duplicated), F.linear above; any leading shape, the right output shape, contiguous."""
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 17, TUNED_ROWS, TUNED_ROWS + 1])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_every_linear_form_equals_f_linear(monkeypatch, rows, form):
+    """Each form models.linear_forms.linear may take computes F.linear (with and without bias, any
+    leading shape, contiguous), and it is taken for up to TUNED_ROWS rows only: run on a packed copy
+    of another matrix, only those rows change."""
+    monkeypatch.setattr(linear_forms, "FIXED_FORM", form)
     g = torch.Generator().manual_seed(rows)
-    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g) if bias else None
-    for shape in [(rows, 32), (1, rows, 32), (rows, 1, 32)]:
-        x = torch.randn(*shape, generator=g)
-        y = linear(x, w, b)
-        assert y.shape == (*shape[:-1], 48) and y.is_contiguous()
-        torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    w = torch.randn(48, 40, generator=g)
+    for b in (None, torch.randn(48, generator=g)):
+        for shape in [(rows, 40), (1, rows, 40), (rows, 1, 40)]:
+            x = torch.randn(*shape, generator=g)
+            y = linear(x, w, b, packed=pack(w))
+            assert y.shape == (*shape[:-1], 48) and y.is_contiguous()
+            torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+            other = linear(x, w, b, packed=pack(-w))
+            used = form == "packed" and rows <= TUNED_ROWS
+            torch.testing.assert_close(other, F.linear(x, -w if used else w, b), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 2, PACKED_ROWS[0], 8, 17, PACKED_ROWS[1], PACKED_ROWS[1] + 1])
-@pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_f_linear(rows, bias):
-    """With a packed weight, linear() equals F.linear for any row count; the oneDNN kernel runs
-    for PACKED_ROWS rows only (shown by a packed copy of another matrix: only those rows change)."""
-    g = torch.Generator().manual_seed(rows)
-    w, b = torch.randn(48, 40, generator=g), torch.randn(48, generator=g) if bias else None
-    for shape in [(rows, 40), (1, rows, 40)]:
-        x = torch.randn(*shape, generator=g)
-        y = linear(x, w, b, packed=pack(w))
-        assert y.shape == (*shape[:-1], 48)
-        torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-        other = linear(x, w, b, packed=pack(-w))
-        used = PACKED_ROWS[0] <= rows <= PACKED_ROWS[1]
-        torch.testing.assert_close(other, F.linear(x, -w if used else w, b), atol=1e-5, rtol=1e-5)
+def test_linear_takes_the_measured_form(monkeypatch):
+    """linear() looks its form up by (shape, rows, threads, packed?): a table entry saying "packed"
+    for one row count runs the packed copy for that count only; without a packed copy, F.linear."""
+    monkeypatch.setattr(linear_forms, "FASTEST", {})
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 40, generator=g), torch.randn(3, 40, generator=g)
+    linear_forms.FASTEST[linear_forms.key(w, 3, pack(w))] = "packed"
+    torch.testing.assert_close(linear(x, w, packed=pack(-w)), F.linear(x, -w), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear(x[:2], w, packed=pack(-w)), F.linear(x[:2], w), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_measure_keeps_the_fastest_form(monkeypatch):
+    """measure() times each form per matrix shape and keeps the fastest, F.linear unless another is
+    MARGIN faster: a form slowed by a sleep is never kept, and F.linear slowed loses to the others."""
+    def slowed(fn):
+        def run(*a):
+            time.sleep(2e-3)
+            return fn(*a)
+        return run
+    g = torch.Generator().manual_seed(0)
+    mats = [(torch.randn(32, 16, generator=g), None), (torch.randn(16, 32, generator=g), None)]
+    forms = dict(linear_forms.FORMS)
+    for slow, expected in [("W @ x^T", "F.linear"), ("F.linear", "W @ x^T")]:
+        monkeypatch.setattr(linear_forms, "FASTEST", {})
+        monkeypatch.setattr(linear_forms, "FORMS", {**forms, slow: slowed(forms[slow])})
+        chosen = linear_forms.measure(mats, rows=2)
+        assert set(chosen) == {linear_forms.key(w, 2, None) for w, _ in mats}  # one entry per shape, no "packed"
+        assert set(chosen.values()) == {expected} and linear_forms.FASTEST == chosen
+        assert linear_forms.measure(mats, rows=2) == {}  # measured once
+
+
+def test_model_measures_its_decode_rows(monkeypatch, tmp_path):
+    """A CPU forward of a few rows measures every weight shape of the model (layers and output) once
+    for that row count and thread count; the logits are F.linear's to rounding."""
+    monkeypatch.setattr(linear_forms, "FASTEST", {})
+    model = load_model(write_tiny_checkpoint(tmp_path / "ckpt", "llama", False))
+    tokens = torch.randint(0, model.args.vocab_size, (2, 1), generator=torch.Generator().manual_seed(1))
+    engine = Engine(model)
+    engine.setup(2, 8)
+    with torch.inference_mode():
+        engine.prefill(tokens, torch.tensor([1, 1]))
+        logits = engine.decode_step(tokens, torch.tensor([[1], [1]]))
+    shapes = {tuple(m.shape) for n, m in model.named_parameters() if m.dim() == 2 and "embed" not in n}
+    assert {k[:2] for k in linear_forms.FASTEST if k[2] == 2} == shapes
+    assert all(k[3] == torch.get_num_threads() and v in linear_forms.FORMS for k, v in linear_forms.FASTEST.items())
+    monkeypatch.setattr(linear_forms, "FIXED_FORM", "F.linear")
+    engine.setup(2, 8)
+    with torch.inference_mode():
+        engine.prefill(tokens, torch.tensor([1, 1]))
+        torch.testing.assert_close(engine.decode_step(tokens, torch.tensor([[1], [1]])), logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_pack_weights_keeps_the_logits(tmp_path, tied):
+def test_pack_weights_keeps_the_logits(monkeypatch, tmp_path, tied):
     """Transformer.pack_weights: a batched decode step (4 rows) gives the logits of the plain model,
     and really runs on the packed copies: zeroing the weights afterwards changes nothing."""
+    monkeypatch.setattr(linear_forms, "FIXED_FORM", "packed")  # (measured, the packed form is taken where fastest)
     model = load_model(write_tiny_checkpoint(tmp_path / "ckpt", "llama", tied))
     tokens = torch.randint(0, model.args.vocab_size, (4, 12), generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([12, 12, 10, 7])

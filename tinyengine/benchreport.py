@@ -717,27 +717,27 @@ def section_attention(d: dict) -> str:
         cells = bold_best(["–" if v is None else f"{v:.3f}" for v in vals], vals, False)
         body.append([ph, str(B), str(T)] + cells)
     out += [table(["phase", "batch", "tokens"] + [be + (" (compiled)" if cp else "") for be, cp in variants], body)]
-    lin = {(r["rows"], r["form"]): r for r in d["rows"] if r["table"] == "linear"}
+    lin = [r for r in d["rows"] if r["table"] == "linear"]
     if lin:
-        some = next(iter(lin.values()))
+        forms = list(dict.fromkeys(r["form"] for r in lin))
+        by = {(r["rows"], r["form"]): r for r in lin}
         out += ["", "#### Weight products of a decode step", "",
-                f"Every weight matrix of the model at its shape ({some['layers']} layers and the output layer, "
-                f"{some['weight_mb']:.0f} MB, random float32) times a few rows: `F.linear` (x @ W^T) against the engine's "
-                "`models.llama.linear` (W @ x^T on CPU for up to 8 rows). Milliseconds per pass (median) and weight bytes "
-                "read per second. This is the measurement behind `linear`; its speed-up is from one run. Packed: oneDNN's "
-                "kernel on the weights in its blocked layout (`models.llama.packed_linear`), which `linear` uses for 3-64 rows "
-                "once `Transformer.pack_weights` made that copy (opt-in: twice the weight memory). Speed-ups are against "
-                "`F.linear`.", ""]
+                f"Every weight matrix of the model at its shape ({lin[0]['layers']} layers and the output layer, "
+                f"{lin[0]['weight_mb']:.0f} MB, random float32) times a few rows, in each form of `models/linear_forms.py`: "
+                "`F.linear` (x @ W^T), `W @ x^T` (the same product as MKL's gemm reading W along its rows) and packed "
+                "(oneDNN's kernel on the weights in its blocked layout, a copy `Transformer.pack_weights` makes: opt-in, "
+                "twice the weight memory). tinyengine: `linear` after `measure` timed the forms on these matrices and "
+                "kept the fastest per shape (as the engine does for each batch size: `Engine.setup`); the forms it "
+                "chose are listed. Milliseconds per pass (median) and weight bytes read per second; the speed-up is "
+                "tinyengine's against `F.linear`, from one run.", ""]
         body = []
-        has_packed = any(form == "packed" for _, form in lin)
-        for n in dict.fromkeys(r for r, _ in lin):
-            a, b, c = lin.get((n, "F.linear")), lin.get((n, "tinyengine")), lin.get((n, "packed"))
-            if a and b:
-                cells = [f"{c['ms']:.1f} ({c['gb_s']:.1f} GB/s)", f"{a['ms'] / c['ms']:.2f}x"] if c else (["–", "–"] if has_packed else [])
-                body.append([str(n), f"{a['ms']:.1f} ({a['gb_s']:.1f} GB/s)", f"{b['ms']:.1f} ({b['gb_s']:.1f} GB/s)",
-                             f"{a['ms'] / b['ms']:.2f}x"] + cells + [f"{max(b['max_abs_err'], c['max_abs_err'] if c else 0):.1e}"])
-        packed_head = ["packed ms", "packed speed-up"] if has_packed else []
-        out += [table(["rows", "F.linear ms", "tinyengine ms", "speed-up"] + packed_head + ["max abs diff"], body)]
+        for n in dict.fromkeys(r["rows"] for r in lin):
+            cells = [f"{by[(n, f)]['ms']:.1f} ({by[(n, f)]['gb_s']:.1f} GB/s)" if (n, f) in by else "–" for f in forms]
+            a, t = by.get((n, "F.linear")), by.get((n, "tinyengine"))
+            chosen = ", ".join(f"{shape} {form}" for shape, form in (t or {}).get("chosen", {}).items())
+            body.append([str(n)] + cells + [f"{a['ms'] / t['ms']:.2f}x" if a and t else "–", chosen or "–",
+                         f"{max(r['max_abs_err'] for (m, _), r in by.items() if m == n):.1e}"])
+        out += [table(["rows"] + [f + " ms" for f in forms] + ["speed-up", "forms chosen", "max abs diff"], body)]
     return "\n".join(out) + notes(d)
 
 

@@ -625,14 +625,12 @@ def attention_suite(args, size: dict, save):
 
 def linear_rows(a, dev, row_counts: list[int], max_bytes: int = 2**30, reps: int = 7) -> list[dict]:
     """The weight products of one decode step: every matrix of the model at its shape (random
-    weights; as many layers as fit in `max_bytes`), times a few rows, written F.linear (x @ W^T)
-    and as the engine writes them (models/llama.py `linear`). Milliseconds per pass, median of
-    `reps`, and the weight bytes read per second. On CPU also oneDNN's kernel on the weights packed
-    into its layout (`packed_linear`; the copies are made before timing), which `linear` uses for
-    PACKED_ROWS rows when the model's weights are packed (Transformer.pack_weights)."""
-    import torch.nn.functional as F
-
-    from models.llama import linear, pack, packed_linear
+    weights; as many layers as fit in `max_bytes`), times a few rows, in each form of
+    models/linear_forms.py (F.linear, W @ x^T, and on CPU oneDNN's kernel on copies packed into its
+    layout, made before timing) and as the engine runs them (`linear` after `measure` chose a form
+    per shape on these matrices: "tinyengine", with the forms it chose). Milliseconds per pass, median
+    of `reps`, and the weight bytes read per second."""
+    from models import linear_forms
 
     g = torch.Generator().manual_seed(0)
     h, i, qd, kvd = a.hidden_size, a.intermediate_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
@@ -643,22 +641,32 @@ def linear_rows(a, dev, row_counts: list[int], max_bytes: int = 2**30, reps: int
     mats = [torch.randn(n, k, generator=g).to(dev) for _ in range(layers) for n, k in layer]
     mats.append(torch.randn(a.vocab_size, h, generator=g).to(dev))
     nbytes = sum(4 * w.numel() for w in mats)
-    forms = [("F.linear", F.linear), ("tinyengine", linear)]
-    if dev.type == "cpu" and torch.backends.mkldnn.is_available():
-        packed = {id(w): pack(w) for w in mats}
-        forms.append(("packed", lambda x, w: packed_linear(x, packed[id(w)])))
+    on_cpu = dev.type == "cpu"
+    packed = {id(w): linear_forms.pack(w) for w in mats} if on_cpu and torch.backends.mkldnn.is_available() else {}
+    forms = [("F.linear", linear_forms.FORMS["F.linear"])] + ([("W @ x^T", linear_forms.FORMS["W @ x^T"])] if on_cpu else [])
+    if packed:
+        forms.append(("packed", linear_forms.FORMS["packed"]))
+    forms.append(("tinyengine", lambda x, w, p: linear_forms.linear(x, w, packed=p)))
     out = []
     for r in row_counts:
         xs = {k: torch.randn(r, k, generator=g).to(dev) for k in {w.shape[1] for w in mats}}
-        ref = F.linear(xs[h], mats[-1])  # a pass returns the output layer's product
+        ref = torch.nn.functional.linear(xs[h], mats[-1])  # a pass returns the output layer's product
+        chosen = {}
+        if on_cpu:
+            linear_forms.measure([(w, packed.get(id(w))) for w in mats], r)
+            chosen = {linear_forms.key(w, r, packed.get(id(w))): None for w in mats}
+            chosen = {k: linear_forms.FASTEST.get(k, "F.linear") for k in chosen}
         for form, fn in forms:
             def one_pass():
                 for w in mats:
-                    y = fn(xs[w.shape[1]], w)
+                    y = fn(xs[w.shape[1]], w, packed.get(id(w)))
                 return y
             err = (one_pass() - ref).abs().max().item()
             times = [timed(one_pass, dev)[0] for _ in range(reps)]
             ms = 1000 * statistics.median(times)
-            out.append({"table": "linear", "form": form, "rows": r, "layers": layers, "weight_mb": nbytes / 1e6,
-                        "ms": ms, "gb_s": nbytes / ms / 1e6, "max_abs_err": err})
+            row = {"table": "linear", "form": form, "rows": r, "layers": layers, "weight_mb": nbytes / 1e6,
+                   "ms": ms, "gb_s": nbytes / ms / 1e6, "max_abs_err": err}
+            if form == "tinyengine" and chosen:  # "out x in: form" for each shape
+                row["chosen"] = {f"{k[0]}x{k[1]}": v for k, v in chosen.items()}
+            out.append(row)
     return out

@@ -150,6 +150,8 @@ class Engine:
             self.plan.correction.allocate(a.num_layers, batch, a.num_kv_heads, a.head_dim, self.device)
         self.batch, self.capacity = batch, capacity
         self.shared_slots = [0] * a.num_layers  # set by each prefill
+        if self.device.type == "cpu":  # choose the weight products' forms for `batch` rows now, not in a timed step
+            self.model.measure_linear(batch)
 
     def kv_bytes(self) -> int:
         """Bytes the caches hold allocated (K, V and slot positions), policy state excluded."""
