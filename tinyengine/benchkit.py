@@ -79,6 +79,9 @@ class ReplayModel(nn.Module):
     def output_weight(self):
         return self.inner.output_weight()
 
+    def measure_linear(self, rows: int):
+        self.inner.measure_linear(rows)
+
     @contextlib.contextmanager
     def recording(self, window: int):
         """Record the next prefill; yields the tape (filled when the block ends)."""
