@@ -591,7 +591,7 @@ def suite_ruler(b: Bench, size: dict) -> list[dict]:
         row = {"method": method, "source": source, "ratio": r, "score": mean_of(got.values()),
                "by_length": {str(L): mean_of(v for i, v in got.items() if samples[i].length == L) for L in lengths},
                "by_task": {t: mean_of(v for i, v in got.items() if samples[i].task == t) for t in dict.fromkeys(s.task for s in samples)},
-               "n": len(got)}
+               "n": len(got), "answers": [round(got[i], 4) for i in sorted(got)]}  # per sample, for paired noise
         rows.append(row)
     return rows
 

@@ -30,7 +30,7 @@ FIXED_FORM: str | None = None  # a name of FORMS to use without measuring ("pack
 # they keep one fixed rule, the W @ x^T form up to this many rows (measured faster on the AMD machine).
 COMPILED_SMALL_ROWS = 8
 
-FASTEST: dict[tuple, str] = {}  # (out, in, rows, threads, packed?) -> the form `measure` chose
+FASTEST: dict[tuple, str] = {}  # (out, in, dtype, rows, threads, packed?) -> the form `measure` chose
 
 
 def _w_xt(x2: torch.Tensor, weight: torch.Tensor, packed=None) -> torch.Tensor:
@@ -61,7 +61,7 @@ FORMS = {  # name -> fn(x [rows, in], weight, packed) = x @ weight^T
 
 
 def key(weight: torch.Tensor, rows: int, packed: torch.Tensor | None) -> tuple:
-    return (*weight.shape, rows, torch.get_num_threads(), packed is not None)
+    return (*weight.shape, weight.dtype, rows, torch.get_num_threads(), packed is not None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -233,9 +233,10 @@ class Transformer(nn.Module):
 
     def pack_weights(self):
         """Keep a oneDNN-blocked copy of every weight matrix (the output layer's too), a third form
-        for `models.linear_forms` to measure and use where fastest (from ~4 rows: batched decode on CPU; the
-        linear table of BENCHMARKS.md), for twice the weight memory. Float32 on CPU only; call it after the weights are loaded (or sharded), since
-        the copy does not follow later changes to them."""
+        for `models.linear_forms` to measure and use where fastest (often from ~4 rows: batched
+        decode on CPU; the linear table of BENCHMARKS.md), for twice the weight memory. Float32 on
+        CPU only; call it after the weights are loaded (or sharded), since the copy does not follow
+        later changes to them."""
         weight = self.output_weight()
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             raise ValueError(f"pack_weights needs float32 weights on a CPU with oneDNN (got {weight.dtype} on {weight.device})")
@@ -243,6 +244,7 @@ class Transformer(nn.Module):
             if isinstance(m, Linear):
                 m.packed = pack(m.weight)
         self.output_packed = pack(weight)
+        self.measured_rows.clear()  # measure again, with the packed form
 
     def measure_linear(self, rows: int, max_bytes: int = 2**30):
         """Choose the fastest form of each weight product of `rows` rows (models/linear_forms.py), once per

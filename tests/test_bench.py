@@ -497,6 +497,8 @@ def test_report_states_the_quality_run_time_against_the_target():
     run = lambda s, cmd="python bench.py quality", size="default": {"elapsed_s": s, "command": cmd, "size": size}  # noqa: E731
     line = quality_time({"fidelity": run(600), "ruler": run(900), "longgen": run(1200)})[0]
     assert "in all **45.0 min**" in line and "not met" in line and "separate" not in line
+    flags = "python bench.py quality --no-progress --out /tmp/r"
+    assert "separate" not in quality_time({s: run(60, flags) for s in ("fidelity", "ruler", "longgen")})[0]
     line = quality_time({"fidelity": run(600), "ruler": run(600, "python bench.py quality --suites ruler"), "longgen": run(60)})[0]
     assert "21.0 min" in line and ": met" in line and "separate commands" in line
     assert quality_time({"fidelity": run(1), "ruler": run(1, size="quick"), "longgen": run(1)}) == []

@@ -118,7 +118,8 @@ def test_measure_keeps_the_fastest_form(monkeypatch):
 
 def test_model_measures_its_decode_rows(monkeypatch, tmp_path):
     """A CPU forward of a few rows measures every weight shape of the model (layers and output) once
-    for that row count and thread count; the logits are F.linear's to rounding."""
+    for that row count and thread count, and again once pack_weights adds a form; the logits are
+    F.linear's to rounding."""
     monkeypatch.setattr(linear_forms, "FASTEST", {})
     model = load_model(write_tiny_checkpoint(tmp_path / "ckpt", "llama", False))
     tokens = torch.randint(0, model.args.vocab_size, (2, 1), generator=torch.Generator().manual_seed(1))
@@ -128,8 +129,12 @@ def test_model_measures_its_decode_rows(monkeypatch, tmp_path):
         engine.prefill(tokens, torch.tensor([1, 1]))
         logits = engine.decode_step(tokens, torch.tensor([[1], [1]]))
     shapes = {tuple(m.shape) for n, m in model.named_parameters() if m.dim() == 2 and "embed" not in n}
-    assert {k[:2] for k in linear_forms.FASTEST if k[2] == 2} == shapes
-    assert all(k[3] == torch.get_num_threads() and v in linear_forms.FORMS for k, v in linear_forms.FASTEST.items())
+    assert {k[:2] for k in linear_forms.FASTEST if k[3] == 2} == shapes
+    assert all(k[4] == torch.get_num_threads() and v in linear_forms.FORMS for k, v in linear_forms.FASTEST.items())
+    model.pack_weights()  # a new form to measure: the next forward does
+    with torch.inference_mode():
+        engine.prefill(tokens, torch.tensor([1, 1]))
+    assert {k[:2] for k in linear_forms.FASTEST if k[3] == 2 and k[5]} == shapes
     monkeypatch.setattr(linear_forms, "FIXED_FORM", "F.linear")
     engine.setup(2, 8)
     with torch.inference_mode():

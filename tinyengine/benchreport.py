@@ -769,7 +769,8 @@ def quality_time(results: dict) -> list[str]:
     if any(d is None or d.get("size") != "default" for d in runs):
         return []
     minutes = [d.get("elapsed_s", 0) / 60 for d in runs]
-    one_run = len({d.get("command") for d in runs}) == 1 and runs[0].get("command", "").endswith("bench.py quality")
+    command = runs[0].get("command", "")  # one command ran all three when it is the same and names no suites
+    one_run = len({d.get("command") for d in runs}) == 1 and command.startswith("python bench.py quality") and "--suites" not in command
     total = sum(minutes)
     config = runs[2].get("config", {})
     how = "" if "workers" not in config else (f", {config['workers']} worker process{'es' if config['workers'] > 1 else ''}"
