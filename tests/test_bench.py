@@ -515,8 +515,31 @@ def test_report_ruler_parity_names_equal_and_different_methods():
           ("mystery", 0.5): row(0.1), ("mystery (kvpress)", 0.5): row(0.3)}
     line = ruler_parity(by, [0.5], 12)[0]
     assert "equal at every ratio: knorm." in line and "h2o" not in line and "full" not in line
-    assert "snapkv (the paper's max pooling" in line and "mystery (not by design: investigate)" in line
+    assert "snapkv at ratio 0.5 (-10.0 points) (the paper's max pooling" in line  # no answers stored: no SE
+    assert "mystery at ratio 0.5 (-20.0 points) (not by design: investigate)" in line
     assert "8.3 points" in line
+
+
+def test_report_ruler_noise_pairs_the_answers():
+    """RULER rows with their answers: a standing line and the same-method line carry the paired SE over
+    answers; a kvpress pair that differs within 2 SE is said to be within noise, one beyond is not."""
+    from tinyengine.benchreport import momentkv_standing, paired_noise, ruler_parity
+
+    row = lambda answers: {"score": sum(answers) / len(answers), "answers": answers}  # noqa: E731
+    ours, theirs = row([1, 1, 1, 0, 1, 1, 1, 1]), row([1, 0, 1, 0, 1, 1, 0, 1])
+    d = [0, 1, 0, 0, 0, 0, 1, 0]
+    mean = sum(d) / 8
+    assert math.isclose(paired_noise(ours, theirs, "score"), math.sqrt(sum((x - mean) ** 2 for x in d) / 7 / 8))
+    by = {("momentkv", 0.5): ours, ("tova", 0.5): theirs}
+    line = momentkv_standing(by, ["momentkv", "tova"], [0.5], "score", True, lambda v: f"{100 * v:.1f}%", "all lengths")
+    assert "momentkv 87.5% against tova 62.5%, leads (by 25.0% ± 16.4% SE, 1.5 SE: within noise)." in line
+    by = {("knorm", 0.5): ours, ("knorm (kvpress)", 0.5): theirs,
+          ("keydiff", 0.5): row([1] * 8), ("keydiff (kvpress)", 0.5): row([0] * 8)}
+    line = ruler_parity(by, [0.5], 8)[0]
+    assert "Within 2 SE at every ratio (paired over the same answers): knorm." in line
+    assert "keydiff at ratio 0.5 (+100.0 points ± 0.0, inf SE) (not by design: investigate)" in line
+    plain = {("momentkv", 0.5): {"score": 0.5}, ("tova", 0.5): {"score": 0.4}}  # a run made before answers were stored
+    assert momentkv_standing(plain, ["momentkv", "tova"], [0.5], "score", True, str, "x").endswith("leads.")
 
 
 def test_report_keeps_the_default_seed_and_shows_the_others(tmp_path):

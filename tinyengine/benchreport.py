@@ -118,13 +118,20 @@ def standing(by: dict, methods: list, ratios: list, metric: str, higher: bool) -
     return out
 
 
+def samples_of(row: dict, metric: str):
+    """The (roughly) independent samples behind a row's `metric`, or None: the fidelity suite's block
+    means (each the mean over NOISE_BLOCK consecutive positions of one passage, bench.block_means,
+    so the correlation between neighbouring tokens stays inside a block) or RULER's answers (one
+    score per sample, for "score"). Runs made before bench.py stored them have neither."""
+    if metric in row.get("blocks", {}):
+        return row["blocks"][metric]
+    return row.get("answers") if metric == "score" else None
+
+
 def paired_noise(a: dict, b: dict, metric: str):
-    """The standard error of row a's `metric` minus row b's, on the same tokens, or None (rows without
-    the fidelity suite's block means, e.g. runs made before bench.py stored them). Batch means: each
-    value is the mean over NOISE_BLOCK consecutive positions of one passage (bench.block_means), so
-    the correlation between neighbouring tokens is inside a block and the blocks are treated as
-    independent; SE = sd(block differences) / sqrt(blocks)."""
-    xa, xb = (r.get("blocks", {}).get(metric) for r in (a, b))
+    """The standard error of row a's `metric` minus row b's on the same samples (samples_of), or None;
+    SE = sd(per-sample differences) / sqrt(samples)."""
+    xa, xb = samples_of(a, metric), samples_of(b, metric)
     if not xa or not xb or len(xa) != len(xb) or len(xa) < 2:
         return None
     d = [p - q for p, q in zip(xa, xb)]
@@ -139,7 +146,7 @@ def z_score(diff: float, se: float) -> float:
 
 def noise_note(by: dict, a: tuple, b: tuple, r, metric: str, fmt) -> tuple:
     """(' (difference ± SE, z SE)' for a standing line, whether the difference is within 2 SE), or
-    ('', None) where the rows carry no block means."""
+    ('', None) where the rows carry no samples to pair (samples_of)."""
     se = paired_noise(by[(a[1], r)], by[(b[1], r)], metric) if (a[1], r) in by and (b[1], r) in by else None
     if se is None:
         return "", None
@@ -150,7 +157,7 @@ def noise_note(by: dict, a: tuple, b: tuple, r, metric: str, fmt) -> tuple:
 def momentkv_standing(by: dict, methods: list, ratios: list, metric: str, higher: bool, fmt, what: str,
                       column: str = "ratio") -> str:
     """`standing` as a line read off a table, with the difference's standard error where the rows
-    have block means (a difference within 2 SE is noise, whatever the verdict says)."""
+    carry their samples (a difference within 2 SE is noise, whatever the verdict says)."""
     parts = [f"{column} {r}: {a[1]} {fmt(a[0])} against {b[1]} {fmt(b[0])}, {verdict}"
              + (noise_note(by, a, b, r, metric, fmt)[0] if verdict != "tied" else "")
              for r, a, b, verdict in standing(by, methods, ratios, metric, higher)]
@@ -275,10 +282,12 @@ def section_seeds(d: dict, others: list, rows_of, metrics: tuple, samples: str, 
     methods = [m for m in tables[0][1] if all((m, r) in t[2] for t in tables for r in ratios)]
     pooled = {(m, r): {k: sum(t[2][(m, r)][k] for t in tables) / len(tables) for k, *_ in metrics}
               for m in methods for r in ratios}
-    for (m, r), row in pooled.items():  # the seeds' blocks together (equal counts: their mean is the pooled value)
-        blocks = [t[2][(m, r)].get("blocks") for t in tables]
+    for (m, r), row in pooled.items():  # the seeds' samples together (equal counts: their mean is the pooled value)
+        blocks, answers = ([t[2][(m, r)].get(k) for t in tables] for k in ("blocks", "answers"))
         if all(blocks):
             row["blocks"] = {k: sum((b[k] for b in blocks), []) for k, *_ in metrics}
+        if all(answers) and len({len(a) for a in answers}) == 1:
+            row["answers"] = sum(answers, [])
     key, name0, _, fmt0 = metrics[0]
     out = ["#### Other seeds", "",
            f"The same rows on other {samples} (seed{'s' if len(seeds) > 2 else ''} {', '.join(map(str, seeds[1:]))}; "
@@ -295,7 +304,7 @@ def section_seeds(d: dict, others: list, rows_of, metrics: tuple, samples: str, 
         cells = [(v, noise_note(by, a, b, r, metric, fmt)[1]) for rs, ms, by in tables
                  for r, a, b, v in standing(by, ms, rs, metric, higher)]
         count = f"{name} in {sum(v == 'leads' for v, _ in cells)} of {len(cells)}"
-        if any(noisy is not None for _, noisy in cells):  # block means present: which differences are beyond noise
+        if any(noisy is not None for _, noisy in cells):  # samples present: which differences are beyond noise
             beyond = lambda verdict: sum(v == verdict and noisy is False for v, noisy in cells)  # noqa: E731
             count += f" ({beyond('leads')} by more than 2 SE; behind by more than 2 SE in {beyond('behind')})"
         counts.append(count)
@@ -368,7 +377,10 @@ def section_ruler(d: dict, img: Path, seeds: list = ()) -> str:
     out = ["### RULER-style retrieval", "", provenance(d), "",
            f"Tasks {', '.join(tasks)} at {', '.join(map(str, lengths))} tokens, {d['config'].get('ruler_n')} seeded samples "
            f"per task and length; {setting}; then the question through decode steps and greedy answer. Score: RULER's "
-           "string_match_all (fraction of the references in the answer), in %. Best per column in bold (full excluded).", ""]
+           "string_match_all (fraction of the references in the answer), in %. Best per column in bold (full excluded)."
+           + (" Noise: a difference between two rows is given with its standard error, paired over the same answers "
+              "(each sample's score one observation); within 2 SE it is noise, whichever row is ahead."
+              if any(r.get("answers") for r in rows) else ""), ""]
     header = ["method", "full cache"] + [f"ratio {r}" for r in ratios] + [f"ratio {r} @ {L}" for r in ratios[:1] for L in lengths]
     body, vals = [], []
     for m in methods:
@@ -453,15 +465,31 @@ def fidelity_parity(by: dict, ratios: list) -> list[str]:
 
 
 def ruler_parity(by: dict, ratios: list, n: int) -> list[str]:
-    """Ours against kvpress for each method both have: equal at every ratio, or not (and why)."""
+    """Ours against kvpress for each method both have: equal at every ratio, within 2 paired SE of it
+    (the rows' answers, paired_noise), or neither (and why)."""
     shared = sorted({m for (m, r) in by if r is not None and (f"{m} (kvpress)", r) in by})
     if not shared:
         return []
-    same = [m for m in shared if all(by.get((m, r), {}).get("score") == by.get((f"{m} (kvpress)", r), {}).get("score") for r in ratios)]
-    other = [m for m in shared if m not in same]
+    pairs = {m: [(r, by[(m, r)], by[(f"{m} (kvpress)", r)]) for r in ratios if (m, r) in by and (f"{m} (kvpress)", r) in by]
+             for m in shared}
+    same = [m for m in shared if all(a["score"] == b["score"] for _, a, b in pairs[m])]
+    close, other = [], []
+    for m in shared:
+        if m in same:
+            continue
+        cells = [(r, a["score"] - b["score"], paired_noise(a, b, "score")) for r, a, b in pairs[m]]
+        if all(se is not None for *_, se in cells) and all(z_score(d, se) < 2 for _, d, se in cells):
+            close.append(m)
+        else:
+            far = ", ".join(f"ratio {r} ({'+' if d > 0 else '-'}{100 * abs(d):.1f} points"
+                            + (f" ± {100 * se:.1f}, {z_score(d, se):.1f} SE" if se is not None else "") + ")"
+                            for r, d, se in cells if d != 0 and (se is None or z_score(d, se) >= 2))
+            other.append(f"{m} at {far} ({BY_DESIGN.get(m, 'not by design: investigate')})")
     line = f"Same method, ours against kvpress's: equal at every ratio: {', '.join(same) or 'none'}."
+    if close:
+        line += f" Within 2 SE at every ratio (paired over the same answers): {', '.join(close)}."
     if other:
-        line += " Different: " + "; ".join(f"{m} ({BY_DESIGN.get(m, 'not by design: investigate')})" for m in other) + "."
+        line += " Different: " + "; ".join(other) + "."
     if n:
         line += f" Each score averages {n} answers, so one answer moves it by {100 / n:.1f} points."
     return [line, ""]
