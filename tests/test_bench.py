@@ -446,6 +446,29 @@ def test_quality_smoke_and_report(tmp_path):
         assert (tmp_path / "docs" / "bench" / png).stat().st_size > 1000
 
 
+def test_attention_smoke_times_every_linear_form_and_the_engines_choice(tmp_path):
+    """`bench.py attention`: the linear table has each form of models/linear_forms.py and the engine's
+    (measured) choice for every matrix shape of the model, all equal to F.linear to rounding, and the
+    report names the forms chosen."""
+    out, md = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    cmd = [sys.executable, str(ROOT / "bench.py"), "attention", "--smoke", "--no-progress", "--out", str(out), "--markdown", str(md)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = out.glob("attention-*.json")
+    d = json.loads(path.read_text())
+    lin = [r for r in d["rows"] if r["table"] == "linear"]
+    assert {(r["rows"], r["form"]) for r in lin} == {(n, f) for n in (1, 2) for f in ("F.linear", "W @ x^T", "packed", "tinyengine")}
+    assert all(r["ms"] > 0 and r["max_abs_err"] < 1e-3 for r in lin)
+    for r in lin:
+        if r["form"] == "tinyengine":  # SmolLM2: q/o, k/v, gate/up, down and the output layer
+            assert set(r["chosen"]) == {"576x576", "192x576", "1536x576", "576x1536", "49152x576"}
+            assert set(r["chosen"].values()) <= {"F.linear", "W @ x^T", "packed"}
+    from tinyengine.benchreport import section_attention
+    text = section_attention(d)
+    assert "| rows | F.linear ms | W @ x^T ms | packed ms | tinyengine ms | speed-up | forms chosen |" in text
+    assert "49152x576 " in text
+
+
 def test_flat_cost_smoke_times_each_policy_against_full_holding_its_budget(tmp_path):
     """`bench.py speed --parts flat`: full at every context, each policy at the larger one, and
     each policy's overhead from rounds timed in alternation with full holding the same tokens."""

@@ -651,11 +651,11 @@ def linear_rows(a, dev, row_counts: list[int], max_bytes: int = 2**30, reps: int
     for r in row_counts:
         xs = {k: torch.randn(r, k, generator=g).to(dev) for k in {w.shape[1] for w in mats}}
         ref = torch.nn.functional.linear(xs[h], mats[-1])  # a pass returns the output layer's product
-        chosen = {}
+        chosen = {}  # (out, in, ...) -> the form the engine runs for this shape
         if on_cpu:
             linear_forms.measure([(w, packed.get(id(w))) for w in mats], r)
-            chosen = {linear_forms.key(w, r, packed.get(id(w))): None for w in mats}
-            chosen = {k: linear_forms.FASTEST.get(k, "F.linear") for k in chosen}
+            keys = dict.fromkeys(linear_forms.key(w, r, packed.get(id(w))) for w in mats)
+            chosen = {k: linear_forms.FASTEST.get(k, "F.linear") for k in keys}
         for form, fn in forms:
             def one_pass():
                 for w in mats:
