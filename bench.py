@@ -158,9 +158,10 @@ def _run_job(i: int):
     return i, fn(jobs[i], tick), b.notes[before:]
 
 
-def run_jobs(b, bar: Progress, jobs: list, fn, label) -> list:
+def run_jobs(b, bar: Progress, jobs: list, fn, label, cost=None) -> list:
     """fn(job, tick) for each job, in `--workers` forked processes; results in job order. tick(cost)
-    advances the progress bar; notes the jobs add come back to `b.notes`.
+    advances the progress bar; notes the jobs add come back to `b.notes`. cost(job): a relative
+    estimate; the costliest start first, so that the last job to finish is a short one.
 
     The jobs are independent runs of one suite (a policy at its ratios or budgets, a kvpress sample).
     An eager decode step of a few rows spends much of its time in Python and small ops that keep one
@@ -170,6 +171,7 @@ def run_jobs(b, bar: Progress, jobs: list, fn, label) -> list:
     the reference logits with the workers, copy-on-write, and each job's numbers are what it computes
     alone (tests/test_bench.py)."""
     workers = min(b.args.workers, len(jobs))
+    order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i])) if cost else list(range(len(jobs)))  # (stable)
     if workers <= 1:
         results = []
         for job in jobs:
@@ -185,10 +187,10 @@ def run_jobs(b, bar: Progress, jobs: list, fn, label) -> list:
     results, shown = {}, 0.0
     try:
         with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(max(1, torch.get_num_threads() // workers),)) as pool:
-            pending = pool.imap_unordered(_run_job, range(len(jobs)))
+            pending = pool.imap_unordered(_run_job, order)
             while len(results) < len(jobs):
                 # Workers take jobs in order, so the running ones are the first unfinished.
-                bar.doing(" | ".join([label(jobs[k]) for k in range(len(jobs)) if k not in results][:workers]))
+                bar.doing(" | ".join([label(jobs[k]) for k in order if k not in results][:workers]))
                 try:
                     i, result, notes = pending.next(timeout=1.0)
                     results[i] = result
@@ -709,10 +711,23 @@ def suite_longgen(b: Bench, size: dict) -> list[dict]:
                          "sample_output": t[:600]})
         return rows
 
-    for got in run_jobs(b, bar, names, run, lambda name: f"{name} at decode budgets {','.join(map(str, budgets))}"):
+    for got in run_jobs(b, bar, names, run, lambda name: f"{name} at decode budgets {','.join(map(str, budgets))}",
+                        cost=longgen_cost):
         rows += got
     bar.close()
     return rows
+
+
+def longgen_cost(spec: str) -> int:
+    """A long-generation job's relative cost, for run_jobs' order: a decode-pool policy's rows share
+    the frozen prompt (read once per step for every row: Engine._shared_slots), a unified policy's
+    read their own caches, and momentkv's also compute its score over them (the fused kernel's score pass)."""
+    from policies import POLICIES
+
+    name = parse_spec(spec)[0]
+    cls = POLICIES[name]
+    unified = cls.has_prefill and cls.has_decode and not getattr(cls, "separate_pools", False)
+    return int(unified) + int(name == "momentkv")
 
 
 def decode_plan(b: Bench, spec: str, prompt_len: int, db: int, budgets: list[int]):

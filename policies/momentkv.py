@@ -447,6 +447,8 @@ class MomentKV(Policy):
         B, Hkv, N = pos.shape
         current = moments.moments(layer)
         reference = self._summary_after(base, keys, values, pos, keep, current)
+        if not bool((reference[0] > 0).any()):  # nothing evicted, none before: every cost is 0 (mi_cost's scale)
+            return base  # (a prompt within a unified budget, as long generation's: its window's pass is skipped)
         cost = mi_cost_sum(qw, allowed, keys, values, current, reference, self.mi)  # mean over the window's
         if voters is None:
             cost = cost / ok.sum(-1).clamp(min=1)[:, None, None]  # real queries, as the votes

@@ -360,6 +360,29 @@ def test_run_jobs_returns_results_in_order_with_notes_progress_and_errors(worker
         bench.run_jobs(b, bar, [0, 1, 2, 3], fails, str)
 
 
+def test_run_jobs_starts_the_costliest_first():
+    """With a cost, the two workers take the costliest jobs first; results stay in job order. And the
+    long-generation estimate ranks momentkv over the other unified policies over the decode-pool ones."""
+    import time
+    import types
+
+    import bench
+
+    b = types.SimpleNamespace(args=types.SimpleNamespace(workers=2), notes=[])
+
+    def fn(job, tick):
+        start = time.monotonic()
+        time.sleep(0.2)
+        return job, start
+
+    got = bench.run_jobs(b, bench.Progress("jobs", 1, False), [1, 5, 2, 9, 3], fn, str, cost=lambda job: job)
+    assert [job for job, _ in got] == [1, 5, 2, 9, 3]
+    by_start = [job for job, _ in sorted(got, key=lambda r: r[1])]
+    assert set(by_start[:2]) == {9, 5} and by_start[-1] == 1
+    cost = bench.longgen_cost
+    assert cost("momentkv") > cost("h2o") == cost("tova") == cost("streamingllm") > cost("momentum") == cost("scope")
+
+
 def test_workers_below_one_is_a_usage_error(capsys):
     import bench
 

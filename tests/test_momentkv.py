@@ -324,6 +324,26 @@ def test_mi_cost_sum_in_query_blocks_equals_one_pass(monkeypatch):
     torch.testing.assert_close(momentkv.mi_cost_sum(q, allowed, k, v, current, reference), want, atol=1e-6, rtol=1e-5)
 
 
+def test_mi_cost_is_zero_with_an_empty_summary_and_prefill_skips_it(model, monkeypatch):
+    """Nothing evicted before and nothing to drop: every cost is 0 (mi_cost's scale), so prefill
+    skips the window's pass (long generation's prompt within a unified budget): base + 0 = base.
+    A prompt over the budget still runs it."""
+    import policies.momentkv as momentkv
+
+    q, k, v, evicted = gaussian_case(3, T=4, S=20)
+    empty = batch_moments(k, v, torch.zeros_like(evicted))
+    allowed = torch.ones(k.shape[0], k.shape[1], 4, k.shape[2], dtype=torch.bool)
+    assert not mi_cost(q, allowed, k, v, empty, empty).any()
+    calls = []
+    real = momentkv.mi_cost_sum
+    monkeypatch.setattr(momentkv, "mi_cost_sum", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    prompts = prompts_of([60, 45])
+    Engine(model, make_plan("momentkv", budget=80)).generate(prompts, 4)
+    assert not calls  # (decode's MI is the kernel's or mi_cost_decode)
+    Engine(model, make_plan("momentkv", budget=40)).generate(prompts, 4)
+    assert calls
+
+
 # ----------------------------------------------------------------------------- plans and the engine
 
 
