@@ -9,9 +9,10 @@ anything here. `bench.py attention`'s linear table (SmolLM2's matrices, 2 thread
     rows on F.linear falls and packed leads for the larger matrices.
 So the engine does not pick one: for each row count (up to TUNED_ROWS) it times every form on the
 model's own matrices in decode order and keeps the fastest for each matrix shape (`measure`, called
-by Transformer.measure_linear). Larger products (prefill) are compute-bound and keep F.linear. The
-forms round differently (1e-6 relative), so runs that chose differently agree to rounding, not bit
-for bit: set FIXED_FORM for bitwise-repeatable runs.
+by Transformer.measure_linear); a compiled step bakes in the choice for its rows (`compiled_form`).
+Larger products (prefill) are compute-bound and keep F.linear. The forms round differently (1e-6
+relative), so runs that chose differently agree to rounding, not bit for bit: set FIXED_FORM for
+bitwise-repeatable runs.
 """
 from __future__ import annotations
 
@@ -26,9 +27,6 @@ TUNED_ROWS = 64  # products of more rows keep F.linear (compute-bound)
 # (and the last bits of the logits) does not flip from run to run on timing noise.
 MARGIN = 1.1
 FIXED_FORM: str | None = None  # a name of FORMS to use without measuring ("packed" only where packed)
-# Compiled graphs cannot consult the measured table (a table that grows would be a guard, so a recompile):
-# they keep one fixed rule, the W @ x^T form up to this many rows (measured faster on the AMD machine).
-COMPILED_SMALL_ROWS = 8
 
 FASTEST: dict[tuple, str] = {}  # (out, in, dtype, rows, threads, packed?) -> the form `measure` chose
 
@@ -73,8 +71,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1]
     if rows > TUNED_ROWS or not x.is_cpu:
         return F.linear(x, weight, bias)
-    if torch.compiler.is_compiling():
-        form = "W @ x^T" if rows <= COMPILED_SMALL_ROWS else "F.linear"
+    if torch.compiler.is_compiling():  # the form measured for the step's rows, read once at trace time
+        form = compiled_form(*weight.shape, str(weight.dtype), rows, packed is not None)
     else:
         form = FIXED_FORM or FASTEST.get(key(weight, rows, packed), "F.linear")
     if form == "packed" and packed is not None:
@@ -85,6 +83,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@torch._dynamo.assume_constant_result
+def compiled_form(out: int, inp: int, dtype: str, rows: int, packed: bool) -> str:
+    """The form a compiled graph bakes in: FASTEST's choice for the step's rows (Engine.setup measured
+    them before the first compiled step), read once while tracing and kept as a constant. A lookup
+    traced as code would guard on the table, which grows with every row count measured later, so
+    each new entry would recompile the step. F.linear or W @ x^T: the packed kernel is eager only
+    (a "packed" choice takes F.linear)."""
+    k = next((k for k in FASTEST if k[:2] == (out, inp) and str(k[2]) == dtype and k[3:] == (rows, torch.get_num_threads(), packed)),
+             None)
+    form = FIXED_FORM or (FASTEST[k] if k is not None else "F.linear")
+    return form if form in ("F.linear", "W @ x^T") else "F.linear"
 
 
 def measure(mats: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int, reps: int = 3) -> dict[tuple, str]:

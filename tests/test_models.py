@@ -96,6 +96,34 @@ def test_linear_takes_the_measured_form(monkeypatch):
     torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_graph_bakes_in_the_measured_form(monkeypatch):
+    """A compiled product of a few rows takes FASTEST's form for its rows, read once while tracing:
+    the graph holds W @ x^T's matmul or F.linear's linear as measured (a "packed" choice: F.linear),
+    equal to F.linear to rounding; an entry measured later (another row count) does not recompile it."""
+    import torch._dynamo
+
+    monkeypatch.setattr(linear_forms, "FASTEST", {})
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 40, generator=g), torch.randn(2, 40, generator=g)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    for form in ("W @ x^T", "F.linear", "packed"):
+        torch._dynamo.reset()
+        graphs.clear()
+        linear_forms.FASTEST[linear_forms.key(w, 2, None)] = form
+        step = torch.compile(lambda x: linear(x, w), backend=backend, fullgraph=True)
+        torch.testing.assert_close(step(x), F.linear(x, w), atol=1e-5, rtol=1e-5)
+        linear_forms.FASTEST[linear_forms.key(w, 5, None)] = "W @ x^T"  # measured after the compile
+        step(x + 1)
+        assert len(graphs) == 1, f"recompiled: {graphs}"
+        linear_op = any("linear" in t for t in graphs[0])
+        assert linear_op == (form != "W @ x^T") and any("matmul" in t for t in graphs[0]) == (form == "W @ x^T")
+
+
 def test_measure_keeps_the_fastest_form(monkeypatch):
     """measure() times each form per matrix shape and keeps the fastest, F.linear unless another is
     MARGIN faster: a form slowed by a sleep is never kept, and F.linear slowed loses to the others."""
