@@ -92,9 +92,8 @@ def compiled_form(out: int, inp: int, dtype: str, rows: int, packed: bool) -> st
     traced as code would guard on the table, which grows with every row count measured later, so
     each new entry would recompile the step. F.linear or W @ x^T: the packed kernel is eager only
     (a "packed" choice takes F.linear)."""
-    k = next((k for k in FASTEST if k[:2] == (out, inp) and str(k[2]) == dtype and k[3:] == (rows, torch.get_num_threads(), packed)),
-             None)
-    form = FIXED_FORM or (FASTEST[k] if k is not None else "F.linear")
+    k = (out, inp, getattr(torch, dtype.removeprefix("torch.")), rows, torch.get_num_threads(), packed)  # = key()
+    form = FIXED_FORM or FASTEST.get(k, "F.linear")
     return form if form in ("F.linear", "W @ x^T") else "F.linear"
 
 
