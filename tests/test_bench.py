@@ -673,6 +673,14 @@ def test_report_states_differences_against_their_paired_standard_error():
     assert "snapkv at ratio 0.5 (-1.0e-03 ± " in line and "(the paper's max pooling" in line
     assert "mystery at ratio 0.5 (+1.0e-03 ± " in line and "(not by design: investigate)" in line
     assert fidelity_parity({("knorm", 0.5): {"kl": 0.1}, ("knorm (kvpress)", 0.5): {"kl": 0.1}}, [0.5]) == []
+    # the same kept set through two engines: KLs equal to rounding, with a paired SE as small (z = 2.4)
+    by = {("keydiff", 0.5): row(0.05, [0.05, 0.05, 0.05, 0.05]),
+          ("keydiff (kvpress)", 0.5): row(0.05 + 1.5e-7, [0.05 + 1e-7, 0.05 + 2e-7, 0.05 + 1e-7, 0.05 + 2e-7])}
+    assert "(not by design: investigate)" in fidelity_parity(by, [0.5])[0]
+    line = fidelity_parity(by, [0.5], rounding=4.6e-8)[0]
+    assert "within 2 SE at every ratio: keydiff (a difference under 10x the full caches' own KL, 4.6e-07" in line
+    assert "Beyond" not in line
+    assert "Beyond: keydiff" in fidelity_parity(by, [0.5], rounding=1e-8)[0]  # 1.5e-7 is above 10x 1e-8
 
 
 def test_other_seeds_pool_the_block_means_and_count_leads_beyond_noise():
