@@ -434,12 +434,16 @@ FIDELITY_BY_DESIGN = {**BY_DESIGN, **{m: "ours is unified: it also evicts while 
                                "top-k's break such ties differently; tests/test_kvpress_equality.py allows only ties"}
 
 
+# A same-method KL difference under this many times the two engines' full-cache KL is their rounding.
+ROUNDING_FACTOR = 10
+
+
 def fidelity_parity(by: dict, ratios: list, rounding: float = 0.0) -> list[str]:
     """Ours against kvpress for each method both have, on KL to full: the difference per ratio against its
     paired standard error (paired_noise); within 2 SE at every ratio is "within noise" (issue 6: our
     implementation of a method kvpress has must score within noise of kvpress's). `rounding` is the two
-    engines' full caches' own KL (the check row): a difference under ten times it is the two engines'
-    rounding, not the method's (the same kept set gives KLs equal to ~1e-7, with a paired SE as small)."""
+    engines' full caches' own KL (the check row): a difference under ROUNDING_FACTOR times it is the two
+    engines' rounding, not the method's (the same kept set gives KLs equal to ~1e-7, with a paired SE as small)."""
     shared = sorted({m for (m, r) in by if r is not None and (f"{m} (kvpress)", r) in by})
     same, other = [], []
     for m in shared:
@@ -451,7 +455,7 @@ def fidelity_parity(by: dict, ratios: list, rounding: float = 0.0) -> list[str]:
                 if se is None:
                     return []  # a run without block means: no noise to compare against
                 cells.append((r, a["kl"] - b["kl"], se, z_score(a["kl"] - b["kl"], se)))
-        far = [c for c in cells if c[3] >= 2 and abs(c[1]) >= 10 * rounding]
+        far = [c for c in cells if c[3] >= 2 and abs(c[1]) >= ROUNDING_FACTOR * rounding]
         if not far:
             same.append(m)
         else:
@@ -461,7 +465,8 @@ def fidelity_parity(by: dict, ratios: list, rounding: float = 0.0) -> list[str]:
         return []
     line = ("Same method, ours against kvpress's (KL to full, ours minus kvpress's, paired over the same tokens): within "
             f"2 SE at every ratio: {', '.join(same) or 'none'}"
-            + (f" (a difference under 10x the full caches' own KL, {f(10 * rounding)}, counts as rounding)" if rounding else "")
+            + (f" (a difference under {ROUNDING_FACTOR}x the full caches' own KL, {f(ROUNDING_FACTOR * rounding)}, "
+               "counts as rounding)" if rounding else "")
             + ".")
     if other:
         line += " Beyond: " + "; ".join(other) + "."
