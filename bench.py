@@ -111,14 +111,15 @@ def machine() -> dict:
     return info
 
 
-def save(args, suite: str, rows: list, notes: list, config: dict, started: float) -> Path:
+def save(args, suite: str, rows: list, notes: list, config: dict, started: float, job_seconds=()) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     data = {"suite": suite, "size": args.size, "command": "python bench.py " + " ".join(args.argv),
             "date": now.isoformat(timespec="seconds"), "elapsed_s": round(time.time() - started, 1),
             "checkpoint": args.checkpoint, "machine": machine(), "config": config,
-            "notes": list(dict.fromkeys(notes)), "rows": rows}
+            "notes": list(dict.fromkeys(notes)), **({"job_seconds": [list(j) for j in job_seconds]} if job_seconds else {}),
+            "rows": rows}
     path = out / f"{suite}-{args.size}-{now.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(data, indent=1, default=float))
     print(f"[{suite}] {len(rows)} rows -> {path}", file=sys.stderr)
@@ -155,7 +156,9 @@ def _run_job(i: int):
         with counter.get_lock():
             counter.value += cost
 
-    return i, fn(jobs[i], tick), b.notes[before:]
+    started = time.perf_counter()
+    result = fn(jobs[i], tick)
+    return i, result, b.notes[before:], time.perf_counter() - started
 
 
 def run_jobs(b, bar: Progress, jobs: list, fn, label, cost=None) -> list:
@@ -172,11 +175,14 @@ def run_jobs(b, bar: Progress, jobs: list, fn, label, cost=None) -> list:
     alone (tests/test_bench.py)."""
     workers = min(b.args.workers, len(jobs))
     order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i])) if cost else list(range(len(jobs)))  # (stable)
+    job_seconds = getattr(b, "job_seconds", [])
     if workers <= 1:
         results = []
         for job in jobs:
             bar.doing(label(job))
+            started = time.perf_counter()
             results.append(fn(job, bar.done))
+            job_seconds.append((label(job), round(time.perf_counter() - started, 1)))
         return results
     import torch
 
@@ -192,9 +198,10 @@ def run_jobs(b, bar: Progress, jobs: list, fn, label, cost=None) -> list:
                 # Workers take jobs in order, so the running ones are the first unfinished.
                 bar.doing(" | ".join([label(jobs[k]) for k in order if k not in results][:workers]))
                 try:
-                    i, result, notes = pending.next(timeout=1.0)
+                    i, result, notes, seconds = pending.next(timeout=1.0)
                     results[i] = result
                     b.notes += notes
+                    job_seconds.append((label(jobs[i]), round(seconds, 1)))
                 except multiprocessing.TimeoutError:
                     pass
                 now = counter.value  # read once: a worker may tick between two reads
@@ -225,6 +232,7 @@ class Bench:
                                                      progress=not args.no_progress)
         self.replay = ReplayModel(self.model)
         self.notes: list[str] = []
+        self.job_seconds: list[tuple[str, float]] = []  # (job, wall seconds) of the suite running (run_jobs)
         self._hf = None
         self._replay_checked: dict[str, bool] = {}
 
@@ -778,12 +786,12 @@ def quality(args) -> list[Path]:
         if name not in args.suites and not (name == "fidelity" and "ablation" in args.suites):
             continue
         started = time.time()
-        b.notes = []
+        b.notes, b.job_seconds = [], []
         rows = fn(b, size)
         config = {k: v for k, v in size.items()}
         config.update({k: getattr(args, k) for k in ("ratios", "budgets", "policies", "question_aware", "seed", "kvpress",
                                                       "workers", "pack")})
-        paths.append(save(args, name, rows, b.notes, config, started))
+        paths.append(save(args, name, rows, b.notes, config, started, b.job_seconds))
     return paths
 
 

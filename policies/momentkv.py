@@ -95,7 +95,12 @@ policies/correction.py implement.
    6.5e-5 / 4.8e-5 / 2.6e-5 at decode budgets 128 / 256 / 512 against the default's ~2e-3 (most of it
    from the positions ~1400 tokens in, where h2o, also per kv head, spikes too) and TOVA's 3.6e-4 / 2.6e-4 /
    1.5e-4 (beta=0.9 with it was chosen on another seed, bench.py LAYER_DECISION); on prose (fidelity) it costs KL 0.016 / 0.054 / 0.117 against
-   0.011 / 0.034 / 0.085 at ratios 0.5 / 0.75 / 0.875. So the default stays per kv head.
+   0.011 / 0.034 / 0.085 at ratios 0.5 / 0.75 / 0.875. Which change gains (ad hoc, not
+   checked in: `bench.py quality --suites longgen --decode-policies "momentkv,momentkv{beta=0.9},
+   momentkv{per_kv_head=0;beta=0.9},h2o" --decode-budgets 128 --gen-tokens 1600 --no-kvpress`, seed 0): KL to
+   full 2.6e-3 / 5.1e-4 / 2.8e-5 (h2o 2.5e-3). beta=0.9 per kv head shortens the spike (last 100 tokens
+   4e-2 -> 3e-3) but elsewhere stays at the default's 2e-4 - 6e-4 per 100 tokens, ~20x the layer
+   decision's: the decision per layer is most of the gain. So the default stays per kv head.
 
 6. Pools. `momentkv` alone is unified: prefill compresses the prompt to --budget and decode
    keeps the whole cache within the same --budget, evicting prompt or generated tokens alike.

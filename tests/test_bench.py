@@ -332,7 +332,7 @@ def test_run_jobs_returns_results_in_order_with_notes_progress_and_errors(worker
 
     import bench
 
-    b = types.SimpleNamespace(args=types.SimpleNamespace(workers=workers), notes=["before"])
+    b = types.SimpleNamespace(args=types.SimpleNamespace(workers=workers), notes=["before"], job_seconds=[])
     bar = bench.Progress("jobs", 10)
 
     def fn(job, tick):
@@ -344,6 +344,8 @@ def test_run_jobs_returns_results_in_order_with_notes_progress_and_errors(worker
     got = bench.run_jobs(b, bar, [0, 1, 2, 3], fn, str)
     assert [square for square, _, _ in got] == [0, 1, 4, 9]
     assert sorted(b.notes) == ["before", "job 0", "job 1", "job 2", "job 3"]
+    seconds = dict(b.job_seconds)  # every job's wall time, by its label: the slow one is job 0
+    assert sorted(seconds) == ["0", "1", "2", "3"] and seconds["0"] >= 0.3 > max(seconds["1"], seconds["2"], seconds["3"])
     assert bar.bar.n == 10
     pids = {pid for _, pid, _ in got}
     if workers == 1:
@@ -456,6 +458,8 @@ def test_quality_smoke_and_report(tmp_path):
     assert {(r["method"], r["decode_budget"]) for r in lg} == {("full", None), ("momentum", 8), ("momentum", 12), ("h2o", 8), ("h2o", 12)}
     assert all(_finite(r["kl"]) and _finite(r["score"]) for r in lg)
     assert next(r for r in lg if r["method"] == "h2o")["parity"] == "total capacity"
+    jobs = dict(results["longgen"]["job_seconds"])  # one job per decode policy, timed
+    assert set(jobs) == {"momentum at decode budgets 8,12", "h2o at decode budgets 8,12"} and all(s > 0 for s in jobs.values())
 
     proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "report", "--out", str(out), "--markdown", str(md)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -550,6 +554,12 @@ def test_report_states_the_quality_run_time_against_the_target():
     assert quality_time({"fidelity": run(1), "ruler": run(1, size="quick"), "longgen": run(1)}) == []
     parallel = {**run(60), "config": {"workers": 2, "pack": True}}
     assert "min**, 2 worker processes, packed weights (" in quality_time({"fidelity": run(60), "ruler": run(60), "longgen": parallel})[0]
+    # What the time is made of, from the jobs' recorded times: the longest first, the rest counted.
+    timed = {**run(1200), "job_seconds": [["tova", 120.0], ["momentkv", 600.0], ["h2o", 300.0], ["scope", 60.0]]}
+    jobs = quality_time({"fidelity": run(600), "ruler": run(900), "longgen": timed})[2]
+    assert jobs.endswith("long generation: 4 jobs, 18.0 worker-min; longest momentkv 10.0, h2o 5.0, tova 2.0.")
+    assert "fidelity" not in jobs and "RULER" not in jobs  # (runs without job times)
+    assert len(quality_time({"fidelity": run(600), "ruler": run(900), "longgen": run(1200)})) == 2  # none: no line
 
 
 def test_report_ruler_parity_names_equal_and_different_methods():

@@ -815,7 +815,21 @@ def quality_time(results: dict) -> list[str]:
     line = (f"Default quality run time: fidelity + ablation {minutes[0]:.1f} min, RULER {minutes[1]:.1f} min, long generation "
             f"{minutes[2]:.1f} min, in all **{total:.1f} min**{how} (issue 6's target: under 45 min on 2 CPU cores: "
             f"{'met' if total < 45 else 'not met'})")
-    return [line + ("." if one_run else "; the three come from separate commands, so the total is their sum."), ""]
+    return [line + ("." if one_run else "; the three come from separate commands, so the total is their sum."), ""] + longest_jobs(
+        dict(zip(("fidelity + ablation", "RULER", "long generation"), runs)))
+
+
+def longest_jobs(runs: dict, top: int = 3) -> list[str]:
+    """What a run's time is made of: each suite's costliest jobs (bench.run_jobs records every job's
+    wall time; the parent's own work, such as the full cache's recorded run, is the rest)."""
+    parts = []
+    for suite, d in runs.items():
+        jobs = sorted(d.get("job_seconds") or [], key=lambda j: -j[1])
+        if jobs:
+            total = sum(s for _, s in jobs) / 60
+            parts.append(f"{suite}: {len(jobs)} jobs, {total:.1f} worker-min; longest "
+                         + ", ".join(f"{name} {s / 60:.1f}" for name, s in jobs[:top]))
+    return ["Where the time goes (minutes per job, run by the worker processes side by side): " + "; ".join(parts) + ".", ""] if parts else []
 
 
 def report(folder: Path, markdown: Path) -> str:
