@@ -24,6 +24,8 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -191,24 +193,38 @@ def run_jobs(b, bar: Progress, jobs: list, fn, label, cost=None) -> list:
     counter = ctx.Value("d", 0.0)
     _JOBS = (fn, jobs, b, counter)
     results, shown = {}, 0.0
+    # An executor, not multiprocessing.Pool: when a worker dies (the out-of-memory killer), Pool
+    # silently starts another and waits forever for the lost job; the executor fails the job.
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads,
+                               initargs=(max(1, torch.get_num_threads() // workers),))
     try:
-        with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(max(1, torch.get_num_threads() // workers),)) as pool:
-            pending = pool.imap_unordered(_run_job, order)
-            while len(results) < len(jobs):
-                # Workers take jobs in order, so the running ones are the first unfinished.
-                bar.doing(" | ".join([label(jobs[k]) for k in order if k not in results][:workers]))
+        index = {pool.submit(_run_job, i): i for i in order}  # workers take jobs in submission order
+        pending = set(index)
+        while pending:
+            running = [label(jobs[k]) for k in order if k not in results][:workers]  # the first unfinished
+            bar.doing(" | ".join(running))
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in done:
                 try:
-                    i, result, notes, seconds = pending.next(timeout=1.0)
-                    results[i] = result
-                    b.notes += notes
-                    job_seconds.append((label(jobs[i]), round(seconds, 1)))
-                except multiprocessing.TimeoutError:
-                    pass
-                now = counter.value  # read once: a worker may tick between two reads
-                bar.done(now - shown)
-                shown = now
+                    i, result, notes, seconds = future.result()
+                except BrokenProcessPool:
+                    raise RuntimeError(
+                        f"a bench worker process died while running {' | '.join(running)} (killed by a signal: on Linux "
+                        "usually the out-of-memory killer, see `dmesg`). Rerun with --workers 1 (one job in memory at a "
+                        "time) or on a machine with more memory") from None
+                results[i] = result
+                b.notes += notes
+                job_seconds.append((label(jobs[i]), round(seconds, 1)))
+            now = counter.value  # read once: a worker may tick between two reads
+            bar.done(now - shown)
+            shown = now
+    except BaseException:  # a job failed or the run was interrupted: stop the other jobs rather than wait for them
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        raise
     finally:
         _JOBS = None
+        pool.shutdown(wait=True, cancel_futures=True)
     return [results[i] for i in range(len(jobs))]
 
 

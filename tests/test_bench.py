@@ -162,6 +162,13 @@ def test_rows_at_different_ratios_equal_separate_runs(tiny):
     forced = question[:4]
     _, tape = drive(Engine(replay, CachePlan()), rows, [forced] * 2, 0, replay=replay, record_window=64)
     ratios = [0.25, 0.5, 0.75]
+    # The repeated tape shares the recorded queries, keys and values (no copy of every layer's) and tiles
+    # a layer's when it is replayed, in the rows' order [all rows] * n, as torch.cat would.
+    twice = tape.repeat(3).repeat(2)
+    assert twice.copies == 6 and all(a is b for a, b in zip(twice.k + twice.v + twice.q, tape.k + tape.v + tape.q))
+    assert torch.equal(twice.tokens, torch.cat([tape.tokens] * 6))
+    for got, recorded in zip(twice.layer(1), (tape.q[1], tape.k[1], tape.v[1])):
+        assert torch.equal(got, torch.cat([recorded] * 6))
     for name in [n for n, cls in POLICIES.items() if cls.has_prefill and n != "full"]:
         seen = []
         engine = Engine(replay, make_plan(name, ratio=ratios[0]))
@@ -360,6 +367,33 @@ def test_run_jobs_returns_results_in_order_with_notes_progress_and_errors(worker
 
     with pytest.raises(ValueError, match="job 2 failed"):
         bench.run_jobs(b, bar, [0, 1, 2, 3], fails, str)
+
+
+def test_run_jobs_fails_when_a_worker_dies_instead_of_waiting_forever():
+    """A worker killed mid-job (as by the out-of-memory killer) fails the run with an error that names
+    the jobs and the fix; multiprocessing.Pool would replace the worker and wait for the lost job forever."""
+    import os
+    import signal
+    import time
+    import types
+
+    import bench
+
+    b = types.SimpleNamespace(args=types.SimpleNamespace(workers=2), notes=[])
+
+    def fn(job, tick):
+        if job == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.2)
+        return job
+
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("run_jobs hung after its worker died"))
+    signal.alarm(120)
+    try:
+        with pytest.raises(RuntimeError, match=r"worker process died while running .*killed.*--workers 1"):
+            bench.run_jobs(b, bench.Progress("jobs", 1, False), ["killed", "fine", "also fine"], fn, str)
+    finally:
+        signal.alarm(0)
 
 
 def test_run_jobs_starts_the_costliest_first():

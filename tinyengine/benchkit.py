@@ -38,7 +38,8 @@ import tinyengine.engine as engine_module
 @dataclass
 class PrefillTape:
     """A full prefill, recorded: per layer q (only the last `window` query rows per batch row),
-    k and v after RoPE; the logits of each row's last prompt token."""
+    k and v after RoPE; the logits of each row's last prompt token. `copies`: q, k and v stand for
+    that many copies of their rows (repeat), tiled one layer at a time when replayed."""
     tokens: torch.Tensor  # [B, T]
     lengths: torch.Tensor  # [B]
     rows: torch.Tensor  # [B, W] query indices recorded per row
@@ -46,19 +47,26 @@ class PrefillTape:
     k: list
     v: list
     logits: torch.Tensor | None = None
+    copies: int = 1
 
     def repeat(self, n: int) -> "PrefillTape":
-        """The tape of this batch n times over, rows in the order [all rows] * n (views for a
-        one-row tape; a copy otherwise)."""
-        if self.tokens.shape[0] == 1:
-            rep = lambda t: t.expand(n, *t.shape[1:])  # noqa: E731
-        else:
-            rep = lambda t: torch.cat([t] * n)  # noqa: E731
-        return PrefillTape(rep(self.tokens), rep(self.lengths), rep(self.rows), [rep(t) for t in self.q],
-                           [rep(t) for t in self.k], [rep(t) for t in self.v], rep(self.logits))
+        """The tape of this batch n times over, rows in the order [all rows] * n. The small fields
+        are tiled here; q, k and v (every layer's queries, keys and values: gigabytes for a batch of
+        4K-token prompts) stay shared, so n copies hold one layer's worth more, not n - 1 tapes
+        (two workers each tiling a whole tape ran a 24 GiB machine out of memory)."""
+        return PrefillTape(tile(self.tokens, n), tile(self.lengths, n), tile(self.rows, n), self.q, self.k, self.v,
+                           tile(self.logits, n), self.copies * n)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.q, *self.k, *self.v))
+    def layer(self, i: int) -> tuple:
+        """Layer i's (q rows, k, v), tiled `copies` times."""
+        return tuple(tile(t[i], self.copies) for t in (self.q, self.k, self.v))
+
+
+def tile(t: torch.Tensor, n: int) -> torch.Tensor:
+    """torch.cat([t] * n): the rows n times over (a view when t has one row)."""
+    if n == 1:
+        return t
+    return t.expand(n, *t.shape[1:]) if t.shape[0] == 1 else torch.cat([t] * n)
 
 
 def _last_rows(lengths: torch.Tensor, T: int, window: int) -> torch.Tensor:
@@ -133,11 +141,11 @@ class ReplayModel(nn.Module):
         if tokens.shape != tape.tokens.shape or not torch.equal(tokens, tape.tokens):
             raise RuntimeError("replayed prefill got other tokens than the recorded one")
         for i in range(len(tape.k)):
-            q_rows = tape.q[i]
+            q_rows, k, v = tape.layer(i)
             B, H, W, D = q_rows.shape
             q = q_rows.new_zeros(B, H, tokens.shape[1], D)
             q.scatter_(2, tape.rows[:, None, :, None].expand(-1, H, -1, D), q_rows)
-            attend_for_layer(i)(q, tape.k[i], tape.v[i])
+            attend_for_layer(i)(q, k, v)
         return tape.logits[:, None]
 
 
